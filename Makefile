@@ -1,0 +1,41 @@
+# ttt-speech: every target sets itself up; a fresh clone needs only `make quickstart` / `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+# moshi compiles some functions on first call otherwise (~14 s each on CPU)
+export NO_TORCH_COMPILE ?= 1
+
+.PHONY: setup apply-patches check-patches export-patches upstream-status quickstart test lint
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"ttt-speech needs Python 3.11, .venv has {sys.version.split()[0]}; set PYTHON=python3.11"'
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $@
+
+apply-patches: $(STAMP)
+	$(PY) scripts/upstream.py apply
+
+check-patches: $(STAMP)
+	$(PY) scripts/upstream.py check
+
+# NAME=moshi to export one upstream; default: every checkout present
+export-patches: $(STAMP)
+	$(PY) scripts/upstream.py export $(NAME)
+
+upstream-status: $(STAMP)
+	$(PY) scripts/upstream.py status
+
+quickstart: apply-patches
+	$(VENV)/bin/ttt-speech quickstart
+
+test: apply-patches
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check overlay scripts tests
