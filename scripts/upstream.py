@@ -291,7 +291,9 @@ def describe_failure(patch: Path, stderr: str) -> str:
         file = next((lines[i].split(" b/", 1)[-1] for i in range(idx, -1, -1)
                      if lines[i].startswith("diff --git ")), "?")
         where.append(f"corrupt at diff line {at}: file {file}, hunk {header or '?'}")
-    git_lines = [ln for ln in stderr.strip().splitlines() if ln and not ln.startswith(("hint:", "When you have"))]
+    # drop git am's advice (we have already aborted) and its per-call numbering ("Patch failed at 0001")
+    noise = ("hint:", "When you have", "If you prefer", "To restore", "Patch failed at")
+    git_lines = [ln for ln in stderr.strip().splitlines() if ln and not ln.startswith(noise)]
     return "\n".join([*("  " + w for w in where), *("  git: " + ln for ln in git_lines[:8])])
 
 
@@ -351,8 +353,8 @@ def checkout_state(up: Upstream, repo: Path) -> str:
 
 def installed_from(dist: str) -> str | None:
     """The folder an editable install of dist points at, in the running interpreter's environment."""
-    from importlib import metadata
     import json
+    from importlib import metadata
 
     try:
         text = metadata.distribution(dist).read_text("direct_url.json")
@@ -434,7 +436,8 @@ def patch_lint(up: Upstream, patch: Path) -> list[str]:
     if not subject or not re.match(r"(hook|fix|compat): \S", subject.group(1)):
         problems.append("Subject must start with hook:, fix: or compat:")
     body = head.split("\n\n", 1)[1] if "\n\n" in head else ""
-    if len([ln for ln in body.splitlines() if ln.strip() and ":" not in ln[:20]]) < 2:
+    prose = [ln for ln in body.splitlines() if ln.strip() and not re.match(r"[A-Z][\w-]*: ", ln)]
+    if len(prose) < 2:
         problems.append("the body must say what the patch changes and why")
     if "Relied on by:" not in body:
         problems.append("the body must name the overlay code that relies on it ('Relied on by: ...')")
