@@ -1,4 +1,4 @@
-"""Moshi: building models and checking that our patch series is in place.
+"""Moshi: building models, installing TTT into them, saving and loading TTT checkpoints.
 
 The only module (with its siblings in `integrations/`) that imports moshi. The patch series in
 `patches/moshi/` opens three doors that the TTT code here uses:
@@ -12,12 +12,19 @@ The only module (with its siblings in `integrations/`) that imports moshi. The p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from moshi.models.lm import LMGen, LMModel
+from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
+from torch import nn
+
+from ttt_speech.integrations.moshi_inplace import InPlaceTTTConfig, InPlaceTTTGating
 
 # Moshi 7B's LM architecture (moshi.models.loaders._lm_kwargs), scaled down to run in milliseconds on a CPU.
 # Everything structural is kept: 8+8 audio codebooks plus text, acoustic delays, SiLU gating, RMSNorm,
@@ -104,3 +111,176 @@ def make_lm_gen(model: LMModel, **kwargs: Any) -> LMGen:
     """An `LMGen` for streaming generation; `model` is switched to eval mode first, as LMGen requires."""
     model.eval()
     return LMGen(model, **kwargs)
+
+
+TTT_CONFIG_FILE = "ttt_config.json"
+LM_CONFIG_FILE = "lm_config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclasses.dataclass
+class MoshiTTTConfig:
+    """Which TTT goes where in a Moshi `LMModel`.
+
+    Args:
+        kind: "inplace" (In-Place TTT: W_down of the FFN gating becomes a fast weight) or "block" (a gated
+            TTT-Linear/MLP block between attention and FFN).
+        layers: main-transformer layer indices; None means every `every`-th layer from 0 (Moshi 7B: 0, 6, ..., 30).
+        every: the stride used when `layers` is None.
+        chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std: In-Place TTT, see `InPlaceTTTConfig`.
+    """
+
+    kind: str = "inplace"
+    layers: list[int] | None = None
+    every: int = 6
+    chunk_size: int = 512
+    lr: float = 0.3
+    conv: str = "centred"
+    conv_kernel: int | None = None
+    target: str = "token_embeddings"
+    clip_tau: float | None = None
+    target_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("inplace", "block"):
+            raise ValueError(f"ttt.kind must be 'inplace' or 'block', got {self.kind!r}")
+        if self.every < 1:
+            raise ValueError(f"ttt.every must be >= 1, got {self.every}")
+        self.inplace_config()  # validates its fields
+
+    def inplace_config(self) -> InPlaceTTTConfig:
+        return InPlaceTTTConfig(chunk_size=self.chunk_size, lr=self.lr, conv=self.conv, conv_kernel=self.conv_kernel,
+                                target=self.target, clip_tau=self.clip_tau, target_init_std=self.target_init_std)
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        layers = list(range(0, num_layers, self.every)) if self.layers is None else list(self.layers)
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(f"ttt.layers must be distinct indices in [0, {num_layers}), got {layers}")
+        return sorted(layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "ttt config") -> MoshiTTTConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+
+def ttt_modules(model: LMModel) -> dict[int, nn.Module]:
+    """The TTT modules installed in `model`, by layer index."""
+    found = {}
+    for layer in model.transformer.layers:
+        if isinstance(layer.gating, InPlaceTTTGating):
+            found[layer.layer_idx] = layer.gating
+    return found
+
+
+def apply_ttt(model: LMModel, config: MoshiTTTConfig) -> LMModel:
+    """Install TTT into `model` in place, keeping every existing parameter (and its loaded value).
+
+    New parameters are initialised explicitly (In-Place: conv zero, W_target diagonal), so the model computes what
+    it computed before up to the TTT update itself. Works on a model on the meta device too (the new parameters
+    are then meta as well, to be loaded or initialised by `load_ttt_lm`).
+    """
+    check_patched()
+    if ttt_modules(model):
+        raise ValueError(f"model already has TTT in layers {sorted(ttt_modules(model))}")
+    layers = config.layer_indices(len(model.transformer.layers))
+    if config.kind == "block":
+        raise NotImplementedError("ttt.kind='block' (the gated TTT-Linear/MLP block) is not implemented yet")
+    for idx in layers:
+        layer = model.transformer.layers[idx]
+        layer.gating = InPlaceTTTGating.from_gating(layer.gating, config.inplace_config(), layer_idx=idx)
+    for module in model.modules():  # moshi caches each module's streaming children on first use
+        if isinstance(module, StreamingModule):
+            module._cached_children = None
+    model.ttt_config = config
+    return model
+
+
+def ttt_parameter_names(model: LMModel) -> set[str]:
+    """State-dict keys of the parameters TTT added (not the base weights it reuses, like linear_out)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, InPlaceTTTGating):
+            names.update(f"{name}.{n}" for n, _ in module.named_parameters()
+                         if not n.startswith(("linear_in.", "linear_out.")))
+    return names
+
+
+def save_ttt_checkpoint(model: LMModel, directory: str | Path, lm_kwargs: dict[str, Any] | None = None) -> Path:
+    """Write `model.safetensors`, `ttt_config.json` and (if given) `lm_config.json` into `directory`."""
+    from safetensors.torch import save_file
+
+    config = getattr(model, "ttt_config", None)
+    if config is None:
+        raise ValueError("model has no ttt_config: build it with apply_ttt or load_ttt_lm")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    (directory / TTT_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    if lm_kwargs is not None:
+        (directory / LM_CONFIG_FILE).write_text(json.dumps(lm_kwargs, indent=2) + "\n")
+    return directory
+
+
+def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kwargs: dict[str, Any] | None = None,
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LMModel:
+    """A TTT Moshi from a safetensors checkpoint: ours (with TTT keys) or a base moshi one (without).
+
+    The model is built on the meta device through moshi's `get_moshi_lm`, TTT is installed, and the checkpoint is
+    loaded with `assign=True`. A base checkpoint may lack exactly the new TTT keys, which are then initialised
+    (W0 = the loaded `linear_out`); any other missing or unexpected key is an error that lists them.
+
+    Args:
+        weights: a `.safetensors` file, or a directory holding `model.safetensors`, `ttt_config.json` and
+            optionally `lm_config.json`.
+        config: the TTT config; default: `ttt_config.json` beside the weights.
+        lm_kwargs: LMModel arguments; default: `lm_config.json` beside the weights, else moshi 7B's.
+    """
+    from moshi.models.loaders import get_moshi_lm
+    from safetensors.torch import load_file
+
+    weights = Path(weights)
+    directory = weights if weights.is_dir() else weights.parent
+    if weights.is_dir():
+        weights = weights / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    if config is None:
+        path = directory / TTT_CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no TTT config given and none beside the weights ({path})")
+        config = MoshiTTTConfig.from_dict(json.loads(path.read_text()), where=str(path))
+    if lm_kwargs is None and (directory / LM_CONFIG_FILE).is_file():
+        lm_kwargs = json.loads((directory / LM_CONFIG_FILE).read_text())
+    model = get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=dtype)
+    apply_ttt(model, config)
+
+    state = load_file(str(weights), device=str(device))
+    for key, value in state.items():
+        if value.dtype.is_floating_point:
+            keep_fp32 = key.startswith(("condition_provider.", "fuser."))  # as moshi's loader does
+            state[key] = value.float() if keep_fp32 else value.to(dtype)
+    expected = set(model.state_dict())
+    ttt_keys = ttt_parameter_names(model)
+    missing, unexpected = expected - set(state), set(state) - expected
+    if unexpected or missing - ttt_keys:
+        raise ValueError(f"{weights}: does not fit the TTT model ({config.kind}, layers "
+                         f"{config.layer_indices(len(model.transformer.layers))}): missing keys "
+                         f"{sorted(missing - ttt_keys)}, unexpected keys {sorted(unexpected)}")
+    if missing:
+        # a base checkpoint: materialise and initialise exactly the new TTT parameters
+        for module in ttt_modules(model).values():
+            for sub in (module.ttt_conv, module.ttt_target):
+                sub.to_empty(device=device)
+            module.reset_ttt_parameters()
+        state.update({k: v for k, v in model.state_dict().items() if k in missing})
+    model.load_state_dict(state, assign=True)
+    return model

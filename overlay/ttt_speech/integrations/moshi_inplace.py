@@ -1,0 +1,246 @@
+"""In-Place TTT in Moshi: `InPlaceTTTGating`, a drop-in for moshi's `ActivationGating` whose W_down is a fast weight.
+
+    Z      = silu(x W_gate^T) * (x W_up^T)                  slow weights: `linear_in` (W_gate and W_up stacked)
+    V      = Conv1D_chunk(X0) W_target^T                    X0: the text-token embedding (or the layer input)
+    dW_i   = V_i^T Z_i,   W^(i) = W0 + lr * sum_{j<i} dW_j  W0: `linear_out.weight`, the pretrained W_down
+    O_i    = Z_i W^(i)^T
+
+One semantics everywhere: the training forward, a prefill in pieces, and moshi streaming one frame at a time give
+the same outputs. In streaming the tokens of the current, incomplete chunk are buffered (Z and X0) and the update
+is applied when the chunk completes, exactly as in the parallel form.
+
+Cast points: Z, X0 and the conv/target weights enter the op in float32; the fast weight, its buffers and the
+stored initial W0 are float32; the output is cast back to the input's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moshi.modules.gating import ActivationGating
+from moshi.modules.streaming import State, StreamingModule
+from ttt_speech.ops.inplace_ttt import chunk_conv1d, chunk_inplace_ttt
+
+TARGET_SOURCES = ("token_embeddings", "layer_input")
+
+
+@dataclass
+class InPlaceTTTConfig:
+    """In-Place TTT knobs for one gating module.
+
+    Args:
+        chunk_size: tokens (frames) per update; the paper's ablation finds 512-1024 best, 256 worse.
+        lr: eta, the step size of every chunk update.
+        conv: "centred" (depthwise kernel 5 centred, the official code) or "next" (kernel 2 right-padded: token t
+            and t+1, the next-token form).
+        conv_kernel: kernel size; default 5 for "centred", 2 for "next".
+        target: "token_embeddings" (X0 = the text-token embedding threaded from `forward_text`) or "layer_input"
+            (the FFN's normalised input, as the paper's continual-training variant).
+        clip_tau: optional bound on each chunk update's Frobenius norm (the paper's inference-time clipping).
+        target_init_std: W_target starts diagonal with N(0, std^2) entries; the conv starts at zero, so the model
+            starts out exactly as the base model.
+    """
+
+    chunk_size: int = 512
+    lr: float = 0.3
+    conv: str = "centred"
+    conv_kernel: int | None = None
+    target: str = "token_embeddings"
+    clip_tau: float | None = None
+    target_init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.conv not in ("centred", "next"):
+            raise ValueError(f"conv must be 'centred' or 'next', got {self.conv!r}")
+        if self.conv_kernel is None:
+            self.conv_kernel = 5 if self.conv == "centred" else 2
+        if self.conv == "centred" and self.conv_kernel % 2 == 0:
+            raise ValueError(f"a centred conv needs an odd conv_kernel, got {self.conv_kernel}")
+        if self.target not in TARGET_SOURCES:
+            raise ValueError(f"target must be one of {TARGET_SOURCES}, got {self.target!r}")
+        if self.clip_tau is not None and self.clip_tau <= 0:
+            raise ValueError(f"clip_tau must be positive or None, got {self.clip_tau}")
+
+
+@dataclass
+class InPlaceTTTState(State):
+    """Streaming state, one row per batch element, all float32.
+
+    Args:
+        w: the fast weight W_down at the start of the current chunk, [B, D, H].
+        z_buf: Z of the current chunk's tokens so far, [B, C, H] (the first `pos` rows are valid).
+        x0_buf: X0 of the same tokens, [B, C, D].
+        pos: tokens of the current chunk seen so far, [B] (long).
+        w0: the initial fast weight rows return to on reset, [D, H].
+    """
+
+    w: torch.Tensor
+    z_buf: torch.Tensor
+    x0_buf: torch.Tensor
+    pos: torch.Tensor
+    w0: torch.Tensor
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        m = reset_mask.to(self.w.device)
+        self.w[m] = self.w0
+        self.z_buf[m] = 0.0
+        self.x0_buf[m] = 0.0
+        self.pos[m] = 0
+
+
+class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
+    """Moshi's SiLU gating with W_down (`linear_out`) as an In-Place TTT fast weight.
+
+    Parameter names follow `ActivationGating` (`linear_in`, `linear_out`) so the base model's keys
+    `transformer.layers.N.gating.linear_{in,out}.weight` load unchanged; the new ones are `ttt_conv.weight`
+    [D, 1, K] and `ttt_target.weight` [D, D] (V = conv(X0) @ ttt_target.weight^T).
+
+    W0 is `linear_out.weight` itself, read at every forward (training: gradients reach it) and, as a float32
+    copy refreshed whenever the parameter changes, at every streaming start and reset. So W0 is always the loaded
+    weight, also for a model built on the meta device and loaded with `load_state_dict(assign=True)`.
+
+    Args:
+        linear_in: the slow gate/up projection, Linear(D, 2H).
+        linear_out: W_down, Linear(H, D); its weight is W0.
+        activation: the gate's activation (moshi: SiLU).
+        config: `InPlaceTTTConfig`.
+        layer_idx: for error messages.
+    """
+
+    takes_token_embeddings = True
+
+    def __init__(self, linear_in: nn.Linear, linear_out: nn.Linear, activation, config: InPlaceTTTConfig,
+                 layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.linear_in = linear_in
+        self.linear_out = linear_out
+        self.activation = activation
+        self.config = config
+        self.layer_idx = layer_idx
+        dim = linear_out.out_features
+        factory = {"device": linear_out.weight.device, "dtype": linear_out.weight.dtype}
+        self.ttt_conv = nn.Conv1d(dim, dim, config.conv_kernel, groups=dim, bias=False, **factory)
+        self.ttt_target = nn.Linear(dim, dim, bias=False, **factory)
+        self._w0_cache: tuple[tuple, torch.Tensor] | None = None
+        if not self.ttt_conv.weight.is_meta:
+            self.reset_ttt_parameters()
+
+    @classmethod
+    def from_gating(cls, gating: ActivationGating, config: InPlaceTTTConfig,
+                    layer_idx: int | None = None) -> InPlaceTTTGating:
+        """Wrap an existing `ActivationGating`, reusing its (possibly loaded) `linear_in`/`linear_out` modules."""
+        if not isinstance(gating, ActivationGating):
+            raise TypeError(f"layer {layer_idx}: expected moshi's ActivationGating, got {type(gating).__name__}")
+        if not isinstance(gating.linear_in, nn.Linear) or not isinstance(gating.linear_out, nn.Linear):
+            raise TypeError(f"layer {layer_idx}: In-Place TTT needs plain nn.Linear projections (a quantized or "
+                            f"LoRA-fused gating cannot host a fast weight), got {type(gating.linear_out).__name__}")
+        return cls(gating.linear_in, gating.linear_out, gating.activation, config, layer_idx)
+
+    @torch.no_grad()
+    def reset_ttt_parameters(self) -> None:
+        """Explicit init of the new parameters: conv zero, W_target diagonal N(0, target_init_std^2)."""
+        self.ttt_conv.weight.zero_()
+        self.ttt_target.weight.zero_()
+        dim = self.ttt_target.weight.shape[0]
+        diag = torch.randn(dim, device=self.ttt_target.weight.device, dtype=torch.float32)
+        self.ttt_target.weight.diagonal().copy_(diag * self.config.target_init_std)
+
+    @property
+    def where(self) -> str:
+        return f"InPlaceTTTGating (layer {self.layer_idx})"
+
+    def initial_fast_weight(self) -> torch.Tensor:
+        """A float32 copy of W0 = `linear_out.weight`, [D, H], refreshed when the parameter changes."""
+        weight = self.linear_out.weight
+        if weight.is_meta:
+            raise RuntimeError(f"{self.where}: linear_out.weight is on the meta device; load the checkpoint first")
+        key = (weight.data_ptr(), weight.device, weight.dtype, weight._version)
+        if self._w0_cache is None or self._w0_cache[0] != key:
+            self._w0_cache = (key, weight.detach().float().clone())
+        return self._w0_cache[1]
+
+    def _init_streaming_state(self, batch_size: int) -> InPlaceTTTState:
+        w0 = self.initial_fast_weight()
+        D, H = w0.shape
+        C = self.config.chunk_size
+        zeros = lambda *s: torch.zeros(*s, device=w0.device, dtype=torch.float32)  # noqa: E731
+        return InPlaceTTTState(batch_size, w0.device, w=w0.expand(batch_size, D, H).clone(),
+                               z_buf=zeros(batch_size, C, H), x0_buf=zeros(batch_size, C, D),
+                               pos=torch.zeros(batch_size, dtype=torch.long, device=w0.device), w0=w0)
+
+    def targets(self, x0: torch.Tensor) -> torch.Tensor:
+        """V for whole chunks: X0 of shape [B, n*C, D] -> [B, n*C, D] float32."""
+        conv = chunk_conv1d(x0, self.ttt_conv.weight[:, 0], self.config.chunk_size, self.config.conv)
+        return conv @ self.ttt_target.weight.float().t()
+
+    def _check_x0(self, x: torch.Tensor, x0: torch.Tensor | None) -> torch.Tensor:
+        if self.config.target == "layer_input":
+            return x
+        B, T, D = x.shape
+        if x0 is None:
+            raise ValueError(f"{self.where}: needs token_embeddings [B, T, {D}] (target='token_embeddings'), got "
+                             "None. They come from LMModel.forward_text through our moshi patch 0002; is moshi "
+                             "patched (make apply-patches), and is this layer in the main transformer?")
+        if x0.shape != (B, T, D):
+            raise ValueError(f"{self.where}: token_embeddings must be [{B}, {T}, {D}], got {list(x0.shape)}")
+        if x0.device != x.device:
+            raise ValueError(f"{self.where}: token_embeddings on {x0.device}, activations on {x.device}")
+        return x0
+
+    def _run(self, z: torch.Tensor, x0: torch.Tensor, w: torch.Tensor, z_prev: torch.Tensor,
+             x0_prev: torch.Tensor):
+        """Process z/x0 after the buffered tokens z_prev/x0_prev of the current chunk, from fast weight w."""
+        C = self.config.chunk_size
+        z_all = torch.cat([z_prev, z.float()], dim=1)
+        x0_all = torch.cat([x0_prev, x0.float()], dim=1)
+        n_full = z_all.shape[1] // C * C
+        v = self.targets(x0_all[:, :n_full])
+        out, w_next = chunk_inplace_ttt(z_all, v, w, self.config.lr, C, self.config.clip_tau)
+        return out[:, z_prev.shape[1]:], w_next, z_all[:, n_full:], x0_all[:, n_full:]
+
+    def forward(self, x: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, D] (the normalised FFN input) -> [B, T, D] in x's dtype."""
+        x0 = self._check_x0(x, token_embeddings)
+        h = self.linear_in(x)
+        B, T, _ = h.shape
+        h = h.view(B, T, 2, -1)
+        z = self.activation(h[..., 0, :]) * h[..., 1, :]  # [B, T, H]
+        state = self._streaming_state
+        if state is None:
+            w0 = self.linear_out.weight.float()
+            empty_z, empty_x0 = z.new_zeros(B, 0, z.shape[-1], dtype=torch.float32), x0.new_zeros(
+                B, 0, x0.shape[-1], dtype=torch.float32)
+            out, _, _, _ = self._run(z, x0, w0, empty_z, empty_x0)
+            return out.to(x.dtype)
+        return self._stream(z, x0, state).to(x.dtype)
+
+    def _stream(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState) -> torch.Tensor:
+        if z.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"{self.where}: In-Place TTT streaming decides on the host when a chunk completes "
+                               "and cannot run inside a CUDA graph; run LMGen with NO_CUDA_GRAPH=1")
+        if state.batch_size != z.shape[0]:
+            raise ValueError(f"{self.where}: streaming state holds {state.batch_size} rows, input has {z.shape[0]}")
+        out = torch.empty(*z.shape[:2], state.w.shape[1], dtype=torch.float32, device=z.device)
+        positions = state.pos.tolist()
+        with torch.no_grad():  # streaming is inference: the state is stored without autograd history
+            for p in sorted(set(positions)):
+                rows = torch.tensor([i for i, q in enumerate(positions) if q == p], device=z.device)
+                o, w, z_rest, x0_rest = self._run(z[rows], x0[rows], state.w[rows], state.z_buf[rows, :p],
+                                                  state.x0_buf[rows, :p])
+                out[rows] = o
+                update = rows[state.exec_mask[rows]]
+                if update.numel() == 0:
+                    continue
+                keep = state.exec_mask[rows]
+                state.w[update] = w[keep]
+                rest = z_rest.shape[1]
+                state.z_buf[update, :rest] = z_rest[keep]
+                state.x0_buf[update, :rest] = x0_rest[keep]
+                state.pos[update] = rest
+        return out
