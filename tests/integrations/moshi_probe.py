@@ -13,6 +13,7 @@ os.environ.setdefault("NO_TORCH_COMPILE", "1")
 
 import moshi  # noqa: E402
 import torch  # noqa: E402
+
 from ttt_speech.integrations.moshi import build_lm, make_lm_gen  # noqa: E402
 
 

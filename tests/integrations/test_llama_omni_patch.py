@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from ttt_speech.integrations.llama_omni import apply_ttt
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+
 from ttt_speech.integrations import moshi as moshi_int
 
 REPO = Path(__file__).resolve().parents[2]

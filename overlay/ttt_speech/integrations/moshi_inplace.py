@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import State, StreamingModule
+from torch import nn
+
 from ttt_speech.ops.inplace_ttt import chunk_conv1d, chunk_inplace_ttt
 
 TARGET_SOURCES = ("token_embeddings", "layer_input")

@@ -91,7 +91,7 @@ def chunk_inplace_ttt(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: fl
     zc = F.pad(z.float(), (0, 0, 0, n * chunk_size - T)).reshape(B, n, chunk_size, H)
     if n_full:
         vc = v.float().reshape(B, n_full, chunk_size, D)
-        dw = clip_update(torch.einsum("bncd,bnch->bndh", vc, zc[:, :n_full]), clip_tau) * 1.001  # [B, n_full, D, H]
+        dw = clip_update(torch.einsum("bncd,bnch->bndh", vc, zc[:, :n_full]), clip_tau)  # [B, n_full, D, H]
         prefix = torch.cumsum(dw, dim=1) * lr
         # chunk i uses the updates of chunks < i: shift the inclusive prefix by one
         w = torch.cat([w0[:, None], w0[:, None] + prefix], dim=1)  # [B, n_full + 1, D, H]
