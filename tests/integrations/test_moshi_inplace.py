@@ -241,3 +241,18 @@ def test_base_checkpoint_loads_into_a_ttt_model_and_other_gaps_are_errors(tmp_pa
 def test_new_parameter_names_survive_moshi_finetune_savers() -> None:
     names = ttt_parameter_names(ttt_model())
     assert names and not any("lora" in n or "frozen" in n for n in names)
+
+
+def test_exec_mask_freezes_the_state_of_masked_rows() -> None:
+    model = ttt_model(chunk_size=2)
+    gating = ttt_modules(model)[0]
+    seq = forward_text_input(model, random_codes(model, 2, 6))
+    with torch.no_grad(), model.streaming(2):
+        model.forward_text(seq[:, :, :3])
+        before = {k: getattr(gating._streaming_state, k).clone() for k in ("w", "z_buf", "x0_buf", "pos")}
+        model.set_exec_mask(torch.tensor([True, False]))
+        model.forward_text(seq[:, :, 3:4])
+        after = gating._streaming_state
+        for k, v in before.items():
+            assert torch.equal(getattr(after, k)[1], v[1]), k
+        assert not torch.equal(after.w[0], before["w"][0])

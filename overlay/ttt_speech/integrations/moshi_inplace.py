@@ -22,7 +22,7 @@ from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from ttt_speech.ops.inplace_ttt import chunk_conv1d, chunk_inplace_ttt
+from ttt_speech.ops.inplace_ttt import chunk_conv1d, chunk_inplace_ttt, clip_update
 
 TARGET_SOURCES = ("token_embeddings", "layer_input")
 
@@ -193,16 +193,13 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
             raise ValueError(f"{self.where}: token_embeddings on {x0.device}, activations on {x.device}")
         return x0
 
-    def _run(self, z: torch.Tensor, x0: torch.Tensor, w: torch.Tensor, z_prev: torch.Tensor,
-             x0_prev: torch.Tensor):
-        """Process z/x0 after the buffered tokens z_prev/x0_prev of the current chunk, from fast weight w."""
-        C = self.config.chunk_size
-        z_all = torch.cat([z_prev, z.float()], dim=1)
-        x0_all = torch.cat([x0_prev, x0.float()], dim=1)
-        n_full = z_all.shape[1] // C * C
-        v = self.targets(x0_all[:, :n_full])
-        out, w_next = chunk_inplace_ttt(z_all, v, w, self.config.lr, C, self.config.clip_tau)
-        return out[:, z_prev.shape[1]:], w_next, z_all[:, n_full:], x0_all[:, n_full:]
+    def _aligned(self, z: torch.Tensor, x0: torch.Tensor, w: torch.Tensor):
+        """Tokens that start at a chunk boundary, from fast weight w: (output, w after the last complete chunk,
+        Z and X0 of the trailing incomplete chunk)."""
+        n_full = z.shape[1] // self.config.chunk_size * self.config.chunk_size
+        v = self.targets(x0[:, :n_full])
+        out, w_next = chunk_inplace_ttt(z, v, w, self.config.lr, self.config.chunk_size, self.config.clip_tau)
+        return out, w_next, z[:, n_full:].float(), x0[:, n_full:].float()
 
     def forward(self, x: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, D] (the normalised FFN input) -> [B, T, D] in x's dtype."""
@@ -213,34 +210,50 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         z = self.activation(h[..., 0, :]) * h[..., 1, :]  # [B, T, H]
         state = self._streaming_state
         if state is None:
-            w0 = self.linear_out.weight.float()
-            empty_z, empty_x0 = z.new_zeros(B, 0, z.shape[-1], dtype=torch.float32), x0.new_zeros(
-                B, 0, x0.shape[-1], dtype=torch.float32)
-            out, _, _, _ = self._run(z, x0, w0, empty_z, empty_x0)
+            out, _, _, _ = self._aligned(z, x0, self.linear_out.weight.float())
             return out.to(x.dtype)
         return self._stream(z, x0, state).to(x.dtype)
 
     def _stream(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState) -> torch.Tensor:
+        """Continue each row from its state: finish its current chunk (buffered), then whole chunks, then buffer.
+
+        Per frame, a token that does not complete a chunk costs one [H] x [H, D] product and a buffer write; the
+        update (V^T Z over the chunk) runs once, on the frame that completes the chunk.
+        """
         if z.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(f"{self.where}: In-Place TTT streaming decides on the host when a chunk completes "
                                "and cannot run inside a CUDA graph; run LMGen with NO_CUDA_GRAPH=1")
-        if state.batch_size != z.shape[0]:
-            raise ValueError(f"{self.where}: streaming state holds {state.batch_size} rows, input has {z.shape[0]}")
-        out = torch.empty(*z.shape[:2], state.w.shape[1], dtype=torch.float32, device=z.device)
+        B, T, _ = z.shape
+        if state.batch_size != B:
+            raise ValueError(f"{self.where}: streaming state holds {state.batch_size} rows, input has {B}")
+        C, cfg = self.config.chunk_size, self.config
+        out = torch.empty(B, T, state.w.shape[1], dtype=torch.float32, device=z.device)
         positions = state.pos.tolist()
         with torch.no_grad():  # streaming is inference: the state is stored without autograd history
-            for p in sorted(set(positions)):
-                rows = torch.tensor([i for i, q in enumerate(positions) if q == p], device=z.device)
-                o, w, z_rest, x0_rest = self._run(z[rows], x0[rows], state.w[rows], state.z_buf[rows, :p],
-                                                  state.x0_buf[rows, :p])
-                out[rows] = o
-                update = rows[state.exec_mask[rows]]
-                if update.numel() == 0:
+            groups = sorted(set(positions))
+            for p in groups:
+                if len(groups) == 1 and bool(state.exec_mask.all()):  # the usual case: views, no copies
+                    rows = keep = upd = slice(None)
+                else:
+                    rows = torch.tensor([i for i, q in enumerate(positions) if q == p], device=z.device)
+                    keep = state.exec_mask[rows]  # rows whose state advances (moshi's exec_mask)
+                    upd = rows[keep]
+                zr, xr, w = z[rows].float(), x0[rows].float(), state.w[rows]
+                k = min(T, C - p)
+                out[rows, :k] = torch.bmm(zr[:, :k], w.transpose(1, 2))
+                if p + k < C:
+                    state.z_buf[upd, p:p + k] = zr[keep, :k]
+                    state.x0_buf[upd, p:p + k] = xr[keep, :k]
+                    state.pos[upd] = p + k
                     continue
-                keep = state.exec_mask[rows]
-                state.w[update] = w[keep]
+                z_chunk = torch.cat([state.z_buf[rows, :p], zr[:, :k]], dim=1)  # [b, C, H]
+                v = self.targets(torch.cat([state.x0_buf[rows, :p], xr[:, :k]], dim=1))
+                w = w + cfg.lr * clip_update(torch.einsum("bcd,bch->bdh", v, z_chunk), cfg.clip_tau)
+                o, w, z_rest, x0_rest = self._aligned(zr[:, k:], xr[:, k:], w)
+                out[rows, k:] = o
                 rest = z_rest.shape[1]
-                state.z_buf[update, :rest] = z_rest[keep]
-                state.x0_buf[update, :rest] = x0_rest[keep]
-                state.pos[update] = rest
+                state.w[upd] = w[keep]
+                state.z_buf[upd, :rest] = z_rest[keep]
+                state.x0_buf[upd, :rest] = x0_rest[keep]
+                state.pos[upd] = rest
         return out

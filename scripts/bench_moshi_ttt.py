@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Benchmark: Moshi with In-Place TTT against plain gating.
+
+Prefill throughput (frames/s of `LMModel.forward_text` over a whole sequence) and per-frame streaming latency
+(one `forward_text` call per frame inside `model.streaming`), for a tiny and a mid-size config. Prints a table and
+writes JSON. Random weights; timings only.
+
+    python scripts/bench_moshi_ttt.py [--out bench/moshi_ttt.json] [--device cpu|cuda] [--dtype fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_TORCH_COMPILE", "1")
+os.environ.setdefault("NO_CUDA_GRAPH", "1")
+
+import torch  # noqa: E402
+
+from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, tiny_lm_kwargs  # noqa: E402
+
+CONFIGS = {
+    "tiny": dict(lm=tiny_lm_kwargs(), frames=512, chunk=64, stream_frames=128),
+    "mid": dict(lm=tiny_lm_kwargs(dim=512, num_heads=8, num_layers=12, context=750, depformer_dim=128,
+                                  depformer_dim_feedforward=528), frames=1024, chunk=256, stream_frames=300),
+}
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def prefill_fps(model, seq: torch.Tensor, device: str, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        model.forward_text(seq)  # warm-up
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            model.forward_text(seq)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    return seq.shape[0] * seq.shape[-1] / statistics.median(times)
+
+
+def stream_latency_ms(model, seq: torch.Tensor, device: str) -> dict:
+    lat = []
+    with torch.no_grad(), model.streaming(seq.shape[0]):
+        for t in range(seq.shape[-1]):
+            sync(device)
+            t0 = time.perf_counter()
+            model.forward_text(seq[:, :, t:t + 1])
+            sync(device)
+            lat.append((time.perf_counter() - t0) * 1e3)
+    lat = lat[5:]
+    return {"median_ms": statistics.median(lat), "p99_ms": sorted(lat)[int(0.99 * (len(lat) - 1))],
+            "max_ms": max(lat)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("bench/moshi_ttt.json"))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    rows = []
+    for name in args.configs:
+        spec = CONFIGS[name]
+        for ttt in (False, True):
+            model = build_lm(spec["lm"], seed=0, device=args.device, dtype=dtype).eval()
+            if ttt:
+                apply_ttt(model, MoshiTTTConfig(chunk_size=spec["chunk"], every=6))
+            g = torch.Generator().manual_seed(0)
+            seq = torch.randint(0, model.card, (1, model.num_codebooks, spec["frames"]), generator=g)
+            seq[:, 0] = torch.randint(0, model.text_card, (1, spec["frames"]), generator=g)
+            seq = seq.to(args.device)
+            fps = prefill_fps(model, seq, args.device, args.repeats)
+            lat = stream_latency_ms(model, seq[:, :, :spec["stream_frames"]], args.device)
+            rows.append({"config": name, "ttt": "inplace" if ttt else "none", "dim": model.dim,
+                         "layers": len(model.transformer.layers), "chunk": spec["chunk"] if ttt else None,
+                         "prefill_frames": spec["frames"], "prefill_fps": fps, **lat})
+    for name in args.configs:
+        base, ttt = [r for r in rows if r["config"] == name]
+        ttt["prefill_overhead_pct"] = 100 * (base["prefill_fps"] / ttt["prefill_fps"] - 1)
+        ttt["stream_overhead_pct"] = 100 * (ttt["median_ms"] / base["median_ms"] - 1)
+    header = f"{'config':<6} {'ttt':<8} {'dim':>4} {'L':>3} {'chunk':>5} {'prefill f/s':>12} {'overhead':>9} " \
+             f"{'stream ms (med/p99/max)':>24} {'overhead':>9}"
+    print(f"device {args.device} dtype {args.dtype} torch {torch.__version__} threads {torch.get_num_threads()}")
+    print(header)
+    for r in rows:
+        ov = f"{r.get('prefill_overhead_pct', 0):+.1f}%" if r["ttt"] != "none" else ""
+        so = f"{r.get('stream_overhead_pct', 0):+.1f}%" if r["ttt"] != "none" else ""
+        print(f"{r['config']:<6} {r['ttt']:<8} {r['dim']:>4} {r['layers']:>3} {r['chunk'] or '':>5} "
+              f"{r['prefill_fps']:>12.0f} {ov:>9} "
+              f"{r['median_ms']:>8.2f}/{r['p99_ms']:>6.2f}/{r['max_ms']:>7.2f} {so:>9}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
+                                    "threads": torch.get_num_threads(), "machine": platform.machine(),
+                                    "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
