@@ -24,7 +24,9 @@ from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 from torch import nn
 
+from ttt_speech.integrations.moshi_block import MoshiTTTBlock
 from ttt_speech.integrations.moshi_inplace import InPlaceTTTConfig, InPlaceTTTGating
+from ttt_speech.nn import TTTConfig
 
 # Moshi 7B's LM architecture (moshi.models.loaders._lm_kwargs), scaled down to run in milliseconds on a CPU.
 # Everything structural is kept: 8+8 audio codebooks plus text, acoustic delays, SiLU gating, RMSNorm,
@@ -128,6 +130,10 @@ class MoshiTTTConfig:
         layers: main-transformer layer indices; None means every `every`-th layer from 0 (Moshi 7B: 0, 6, ..., 30).
         every: the stride used when `layers` is None.
         chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std: In-Place TTT, see `InPlaceTTTConfig`.
+        ttt_layer_type, ttt_num_heads, ttt_mini_batch_size, ttt_base_lr, ttt_use_gate, ttt_share_qk: the block's
+            TTT-Linear/MLP (see `ttt_speech.nn.TTTConfig`); `ttt_num_heads` None means the model's head count.
+        gate_init: the block's tanh gate alpha at init.
+        ttt_context: attention context (frames) of the layers that host a block; None keeps the model's.
     """
 
     kind: str = "inplace"
@@ -140,6 +146,14 @@ class MoshiTTTConfig:
     target: str = "token_embeddings"
     clip_tau: float | None = None
     target_init_std: float = 0.02
+    ttt_layer_type: str = "linear"
+    ttt_num_heads: int | None = None
+    ttt_mini_batch_size: int = 16
+    ttt_base_lr: float = 1.0
+    ttt_use_gate: bool = False
+    ttt_share_qk: bool = False
+    gate_init: float = 0.1
+    ttt_context: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("inplace", "block"):
@@ -151,6 +165,11 @@ class MoshiTTTConfig:
     def inplace_config(self) -> InPlaceTTTConfig:
         return InPlaceTTTConfig(chunk_size=self.chunk_size, lr=self.lr, conv=self.conv, conv_kernel=self.conv_kernel,
                                 target=self.target, clip_tau=self.clip_tau, target_init_std=self.target_init_std)
+
+    def block_config(self, dim: int, num_heads: int) -> TTTConfig:
+        return TTTConfig(hidden_size=dim, num_heads=self.ttt_num_heads or num_heads, layer_type=self.ttt_layer_type,
+                         mini_batch_size=self.ttt_mini_batch_size, ttt_base_lr=self.ttt_base_lr,
+                         use_gate=self.ttt_use_gate, share_qk=self.ttt_share_qk)
 
     def layer_indices(self, num_layers: int) -> list[int]:
         layers = list(range(0, num_layers, self.every)) if self.layers is None else list(self.layers)
@@ -173,10 +192,12 @@ class MoshiTTTConfig:
 
 def ttt_modules(model: LMModel) -> dict[int, nn.Module]:
     """The TTT modules installed in `model`, by layer index."""
-    found = {}
+    found: dict[int, nn.Module] = {}
     for layer in model.transformer.layers:
         if isinstance(layer.gating, InPlaceTTTGating):
             found[layer.layer_idx] = layer.gating
+        elif isinstance(layer.ttt_block, MoshiTTTBlock):
+            found[layer.layer_idx] = layer.ttt_block
     return found
 
 
@@ -191,16 +212,34 @@ def apply_ttt(model: LMModel, config: MoshiTTTConfig) -> LMModel:
     if ttt_modules(model):
         raise ValueError(f"model already has TTT in layers {sorted(ttt_modules(model))}")
     layers = config.layer_indices(len(model.transformer.layers))
-    if config.kind == "block":
-        raise NotImplementedError("ttt.kind='block' (the gated TTT-Linear/MLP block) is not implemented yet")
     for idx in layers:
         layer = model.transformer.layers[idx]
-        layer.gating = InPlaceTTTGating.from_gating(layer.gating, config.inplace_config(), layer_idx=idx)
+        if config.kind == "inplace":
+            layer.gating = InPlaceTTTGating.from_gating(layer.gating, config.inplace_config(), layer_idx=idx)
+            continue
+        ref = next(layer.parameters())
+        norm = _norm_type(layer.norm2)
+        layer.ttt_block = MoshiTTTBlock(model.dim, config.block_config(model.dim, layer.self_attn.num_heads),
+                                        norm=norm, gate_init=config.gate_init, layer_idx=idx, device=ref.device,
+                                        dtype=ref.dtype)
+        if config.ttt_context is not None:
+            layer.self_attn.context = config.ttt_context
     for module in model.modules():  # moshi caches each module's streaming children on first use
         if isinstance(module, StreamingModule):
             module._cached_children = None
     model.ttt_config = config
     return model
+
+
+def _norm_type(norm: nn.Module) -> str:
+    """The moshi norm type name that builds a module like `norm` (for the block's own pre-norm)."""
+    from moshi.modules.transformer import LayerNormF32, RMSNorm
+
+    if isinstance(norm, RMSNorm):
+        return "rms_norm_f32" if norm.alpha.dtype == torch.float32 and norm.eps == 1e-8 else "rms_norm"
+    if isinstance(norm, LayerNormF32):
+        return "layer_norm_f32"
+    return "layer_norm"
 
 
 def ttt_parameter_names(model: LMModel) -> set[str]:
@@ -210,6 +249,8 @@ def ttt_parameter_names(model: LMModel) -> set[str]:
         if isinstance(module, InPlaceTTTGating):
             names.update(f"{name}.{n}" for n, _ in module.named_parameters()
                          if not n.startswith(("linear_in.", "linear_out.")))
+        elif isinstance(module, MoshiTTTBlock):
+            names.update(f"{name}.{n}" for n in module.state_dict())
     return names
 
 
@@ -278,9 +319,7 @@ def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kw
     if missing:
         # a base checkpoint: materialise and initialise exactly the new TTT parameters
         for module in ttt_modules(model).values():
-            for sub in (module.ttt_conv, module.ttt_target):
-                sub.to_empty(device=device)
-            module.reset_ttt_parameters()
+            module.materialize(device)
         state.update({k: v for k, v in model.state_dict().items() if k in missing})
     model.load_state_dict(state, assign=True)
     return model

@@ -151,6 +151,12 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         diag = torch.randn(dim, device=self.ttt_target.weight.device, dtype=torch.float32)
         self.ttt_target.weight.diagonal().copy_(diag * self.config.target_init_std)
 
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocate the new (meta) parameters on `device` and initialise them; linear_in/out are left alone."""
+        for module in (self.ttt_conv, self.ttt_target):
+            module.to_empty(device=device)
+        self.reset_ttt_parameters()
+
     @property
     def where(self) -> str:
         return f"InPlaceTTTGating (layer {self.layer_idx})"

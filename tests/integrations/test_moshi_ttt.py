@@ -256,3 +256,82 @@ def test_exec_mask_freezes_the_state_of_masked_rows() -> None:
         for k, v in before.items():
             assert torch.equal(getattr(after, k)[1], v[1]), k
         assert not torch.equal(after.w[0], before["w"][0])
+
+
+def block_model(mini_batch: int = 4, layer_type: str = "linear", **cfg) -> torch.nn.Module:
+    model = build_lm(seed=0)
+    cfg = {"kind": "block", "layers": [1, 3], "ttt_mini_batch_size": mini_batch, "ttt_num_heads": 2,
+           "ttt_layer_type": layer_type, "gate_init": 0.5} | cfg
+    return apply_ttt(model, MoshiTTTConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+@pytest.mark.parametrize("mini_batch", [1, 4, 5])
+def test_block_parallel_equals_pieces_equals_frame_by_frame(layer_type: str, mini_batch: int) -> None:
+    model = block_model(mini_batch, layer_type)
+    B, T = 2, 17
+    seq = forward_text_input(model, random_codes(model, B, T))
+    with torch.no_grad():
+        full, _ = model.forward_text(seq)
+        assert (full - build_lm(seed=0).eval().forward_text(seq)[0]).abs().max() > 1e-4  # the block matters
+        for pieces in ([6, 1, 7, 3], [1] * T):
+            outs = []
+            with model.streaming(B):
+                start = 0
+                for n in pieces:
+                    outs.append(model.forward_text(seq[:, :, start:start + n])[0])
+                    start += n
+            torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_block_rows_reset_individually_and_state_is_float32() -> None:
+    model = block_model(3)
+    B, T, cut = 2, 11, 5
+    seq = forward_text_input(model, random_codes(model, B, T))
+    with torch.no_grad():
+        with model.streaming(B):
+            outs = []
+            for t in range(T):
+                if t == cut:
+                    model.reset_streaming(torch.tensor([True, False]))
+                outs.append(model.forward_text(seq[:, :, t:t + 1])[0])
+            state = ttt_modules(model)[1]._streaming_state.ttt
+            assert all(t.dtype == torch.float32 for t in [*state.params.values(), *state.grads.values()])
+        stepped = torch.cat(outs, 1)
+        whole, _ = model.forward_text(seq)
+        fresh_row0, _ = model.forward_text(seq[:1, :, cut:])
+    torch.testing.assert_close(stepped[1:], whole[1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stepped[:1, cut:], fresh_row0, rtol=1e-5, atol=1e-5)
+
+
+def test_block_is_nearly_the_base_model_at_init_and_sets_its_context(tmp_path: Path) -> None:
+    from ttt_speech.integrations.moshi import TINY_LM_KWARGS
+
+    model = build_lm(seed=0)
+    apply_ttt(model, MoshiTTTConfig(kind="block", layers=[2], ttt_context=8, ttt_num_heads=2))
+    block = ttt_modules(model)[2]
+    torch.testing.assert_close(block.gate_alpha, torch.full_like(block.gate_alpha, 0.1))
+    assert model.transformer.layers[2].self_attn.context == 8
+    assert model.transformer.layers[1].self_attn.context == TINY_LM_KWARGS["context"]
+    save_ttt_checkpoint(model, tmp_path / "ckpt", lm_kwargs=TINY_LM_KWARGS)
+    restored = load_ttt_lm(tmp_path / "ckpt")
+    codes = random_codes(model, 1, 9)
+    torch.testing.assert_close(restored(codes).logits, model(codes).logits, rtol=0, atol=0, equal_nan=True)
+    assert restored.transformer.layers[2].self_attn.context == 8
+
+
+def test_block_from_a_base_checkpoint(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from ttt_speech.integrations.moshi import TINY_LM_KWARGS
+
+    base = build_lm(seed=3)
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    model = load_ttt_lm(tmp_path / "base.safetensors", MoshiTTTConfig(kind="block", layers=[0], ttt_num_heads=2),
+                        TINY_LM_KWARGS)
+    block = ttt_modules(model)[0]
+    assert not any(p.is_meta for p in model.parameters())
+    torch.testing.assert_close(block.gate_alpha, torch.full_like(block.gate_alpha, 0.1))
+    # explicitly initialised, not left as to_empty's garbage: the reference's init
+    assert torch.equal(block.ttt.learnable_token_idx, torch.zeros_like(block.ttt.learnable_token_idx))
+    assert 0.01 < block.ttt.W1.std().item() < 0.03

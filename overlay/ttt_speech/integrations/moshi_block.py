@@ -1,0 +1,112 @@
+"""The gated TTT block in Moshi: attention -> TTT-Linear/MLP -> FFN, in the layer's `ttt_block` slot.
+
+    x = x + tanh(alpha) * TTT(norm(x))        alpha: one learnable gate per channel, initialised at 0.1
+
+so a pretrained model is nearly unchanged at init (ttt-video-dit's gated residual). The TTT layer is
+`ttt_speech.nn.TTTLinear` / `TTTMLP`; its state (fast weights at the mini-batch anchor, the partial mini-batch's
+gradient sum, position) is float32 and lives in moshi's streaming state, one row per batch element, so a forward
+in one call, in pieces, or frame by frame through `LMGen` gives the same outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from moshi.modules.streaming import State, StreamingModule
+from moshi.modules.transformer import create_norm_fn
+from torch import nn
+
+from ttt_speech.nn import TTTConfig, TTTState, build_ttt_layer
+
+
+@dataclass
+class TTTBlockState(State):
+    """Streaming state of a `MoshiTTTBlock`: the TTT layer's `TTTState` (float32), and how to reset its rows."""
+
+    ttt: TTTState
+    reset_rows: Callable[[TTTState, torch.Tensor], TTTState]
+
+    def reset(self, reset_mask: torch.Tensor) -> None:
+        super().reset(reset_mask)
+        self.ttt = self.reset_rows(self.ttt, reset_mask.to(torch.bool))
+
+
+class MoshiTTTBlock(StreamingModule[TTTBlockState]):
+    """A pre-norm, tanh-gated TTT residual branch for the `ttt_block` slot of a moshi transformer layer.
+
+    Parameters: `norm.*` (the layer's norm type), `ttt.*` (ttt-lm-pytorch names: `q_proj`, ..., `W1`, `b1`, ...),
+    `gate_alpha` [D].
+
+    Args:
+        dim: the transformer width D.
+        ttt_config: the TTT layer (`hidden_size` must equal `dim`).
+        norm: moshi norm type of the host layer (e.g. "rms_norm_f32").
+        gate_init: initial alpha; tanh(0.1) ~ 0.1 lets the pretrained path dominate at first.
+        layer_idx: for error messages.
+    """
+
+    def __init__(self, dim: int, ttt_config: TTTConfig, norm: str = "rms_norm_f32", gate_init: float = 0.1,
+                 layer_idx: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if ttt_config.hidden_size != dim:
+            raise ValueError(f"TTT block (layer {layer_idx}): ttt hidden_size {ttt_config.hidden_size} != dim {dim}")
+        self.layer_idx = layer_idx
+        self.gate_init = gate_init
+        self.norm = create_norm_fn(norm, dim, device=device, dtype=dtype)
+        self.ttt = build_ttt_layer(ttt_config).to(device=device, dtype=dtype)
+        self.gate_alpha = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        if not self.gate_alpha.is_meta:
+            self.reset_ttt_parameters()
+
+    @torch.no_grad()
+    def reset_ttt_parameters(self) -> None:
+        """Explicit init of everything the block adds (it adds only new parameters)."""
+        self.gate_alpha.fill_(self.gate_init)
+        if hasattr(self.norm, "alpha"):  # moshi's RMSNorm
+            self.norm.alpha.fill_(1.0)
+        else:
+            self.norm.reset_parameters()
+        self.ttt.reset_parameters()
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocate meta parameters on `device` and initialise them (a base checkpoint has none of them)."""
+        self.to_empty(device=device)
+        self.reset_ttt_parameters()
+
+    def _init_streaming_state(self, batch_size: int) -> TTTBlockState:
+        device = self.gate_alpha.device
+        return TTTBlockState(batch_size, device, ttt=self.ttt.init_state(batch_size, device),
+                             reset_rows=self.ttt.reset_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]."""
+        y = self.norm(x)
+        state = self._streaming_state
+        if state is None:
+            out, _ = self.ttt(y.to(x.dtype))
+        else:
+            if state.batch_size != x.shape[0]:
+                raise ValueError(f"TTT block (layer {self.layer_idx}): streaming state holds {state.batch_size} "
+                                 f"rows, input has {x.shape[0]}")
+            with torch.no_grad():  # streaming is inference: the state is stored without autograd history
+                old = state.ttt
+                out, new = self.ttt(y.to(x.dtype), old)
+                keep = state.exec_mask  # rows masked out by moshi's exec_mask keep their state
+                state.ttt = new if bool(keep.all()) else _select_rows(keep, new, old)
+        return x + torch.tanh(self.gate_alpha).to(out.dtype) * out
+
+
+def _select_rows(mask: torch.Tensor, new: TTTState, old: TTTState) -> TTTState:
+    """Rows of `new` where mask, else of `old`."""
+    B = mask.shape[0]
+
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        m = mask.to(a.device).view(B, *[1] * (a.dim() - 1))
+        return torch.where(m, a, b)
+
+    return TTTState(params={n: pick(t, old.params[n]) for n, t in new.params.items()},
+                    grads={n: pick(t, old.grads[n]) for n, t in new.grads.items()},
+                    position=torch.where(mask.cpu(), new.position, old.position),
+                    conv_tail=None if new.conv_tail is None else pick(new.conv_tail, old.conv_tail))
