@@ -143,8 +143,8 @@ def _chunk(step, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, off
             # later chunks only start at a commit (acc = 0) or hold no real token of that row
             z, contrib = step(ctx, n, state, acc if n == 0 else None)
             zs.append(z)
-            total = contrib if acc is None else [a + c for a, c in zip(acc, contrib)]
-            committed = [p - tok[-1] * t for p, t in zip(state, total)]
+            total = contrib if acc is None else [a + c for a, c in zip(acc, contrib, strict=True)]
+            committed = [p - tok[-1] * t for p, t in zip(state, total, strict=True)]
             commit = [(n + 1) * b <= o + T for o in offsets]
             if all(commit):
                 state, acc = committed, None
@@ -152,7 +152,7 @@ def _chunk(step, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, off
                 acc = total
             else:
                 m = torch.tensor(commit, device=q.device).view(B, 1, 1, 1)
-                state = [torch.where(m, c, p) for c, p in zip(committed, state)]
+                state = [torch.where(m, c, p) for c, p in zip(committed, state, strict=True)]
                 acc = [torch.where(m, 0.0, t) for t in total]
         z = torch.stack(zs, dim=0)  # [N, B, H, b, D]
         o = xq + layer_norm(z, ctx["gamma"], ctx["beta"])

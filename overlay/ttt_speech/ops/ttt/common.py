@@ -59,13 +59,13 @@ def check_ttt_args(
     if len(params) != n_params:
         raise ValueError(f"params must hold {n_params} tensors for ttt_{kind}, got {len(params)}")
     F = params[0].shape[-1] if params[0].dim() == 4 else -1
-    for (name, shape), t in zip(param_shapes(kind, B, H, D, F), params):
+    for (name, shape), t in zip(param_shapes(kind, B, H, D, F), params, strict=True):
         if tuple(t.shape) != shape:
             raise ValueError(f"params {name} must be {list(shape)}, got {shape_str(t)}")
     if grads is not None:
         if len(grads) != n_params:
             raise ValueError(f"grads must hold {n_params} tensors for ttt_{kind}, got {len(grads)}")
-        for (name, shape), t in zip(param_shapes(kind, B, H, D, F), grads):
+        for (name, shape), t in zip(param_shapes(kind, B, H, D, F), grads, strict=True):
             if tuple(t.shape) != shape:
                 raise ValueError(f"grads {name} must be {list(shape)}, got {shape_str(t)}")
     b = token_idx.numel()

@@ -40,8 +40,17 @@ def _as_input(t: Tensor) -> Tensor:
 
 
 def naive_recurrent_ttt_linear(
-    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, token_idx: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-    params: Sequence[Tensor], grads: Sequence[Tensor] | None = None, offset: Offset = None, online: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    token_idx: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor] | None = None,
+    offset: Offset = None,
+    online: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Reference for :func:`.recurrent.recurrent_ttt_linear` (same arguments and returns)."""
     offsets = check_ttt_args("linear", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
@@ -49,8 +58,17 @@ def naive_recurrent_ttt_linear(
 
 
 def naive_recurrent_ttt_mlp(
-    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, token_idx: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-    params: Sequence[Tensor], grads: Sequence[Tensor] | None = None, offset: Offset = None, online: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    token_idx: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor] | None = None,
+    offset: Offset = None,
+    online: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Reference for :func:`.recurrent.recurrent_ttt_mlp` (same arguments and returns)."""
     offsets = check_ttt_args("mlp", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
@@ -58,8 +76,16 @@ def naive_recurrent_ttt_mlp(
 
 
 def naive_chunk_ttt_linear(
-    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, token_idx: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-    params: Sequence[Tensor], grads: Sequence[Tensor] | None = None, offset: Offset = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    token_idx: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor] | None = None,
+    offset: Offset = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Reference for :func:`.chunk.chunk_ttt_linear` (same arguments and returns)."""
     offsets = check_ttt_args("linear", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
@@ -67,8 +93,16 @@ def naive_chunk_ttt_linear(
 
 
 def naive_chunk_ttt_mlp(
-    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, token_idx: Tensor, ln_weight: Tensor, ln_bias: Tensor,
-    params: Sequence[Tensor], grads: Sequence[Tensor] | None = None, offset: Offset = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    eta: Tensor,
+    token_idx: Tensor,
+    ln_weight: Tensor,
+    ln_bias: Tensor,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor] | None = None,
+    offset: Offset = None,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Reference for :func:`.chunk.chunk_ttt_mlp` (same arguments and returns)."""
     offsets = check_ttt_args("mlp", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
@@ -93,7 +127,8 @@ def _per_row(fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, off
             new_params.append(p)
             new_grads.append(g)
     o = torch.stack(outs, dim=0).to(q.dtype)
-    return o, tuple(torch.stack(ts, 0) for ts in zip(*new_params)), tuple(torch.stack(ts, 0) for ts in zip(*new_grads))
+    params = tuple(torch.stack(ts, 0) for ts in zip(*new_params, strict=True))
+    return o, params, tuple(torch.stack(ts, 0) for ts in zip(*new_grads, strict=True))
 
 
 def _naive_recurrent(f, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets, online):
@@ -107,8 +142,8 @@ def _naive_recurrent(f, q, k, v, eta, token_idx, ln_weight, ln_bias, params, gra
                 anchor = [_as_input(w) for w in p]
                 loss = ln_fused_l2_loss(f(xk_t, anchor), xv_t - xk_t, *ln).sum()
                 d = torch.autograd.grad(loss, anchor, create_graph=True)
-            g = [a + e[:, t, None, None] * dw for a, dw in zip(g, d)]
-            w = [pw - tok[s] * a for pw, a in zip(p, g)]
+            g = [a + e[:, t, None, None] * dw for a, dw in zip(g, d, strict=True)]
+            w = [pw - tok[s] * a for pw, a in zip(p, g, strict=True)]
             outs.append(xq_t + layer_norm(f(xq_t, w), *ln))
             if online or s == b - 1:
                 p, g = w, [torch.zeros_like(a) for a in g]
@@ -132,9 +167,9 @@ def _naive_chunk(group_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, 
             eta_mat = torch.tril(tok[s][:, None] * e[:, sl][:, None, :])  # [H, n, n]
             out, contrib = group_fn(xq[:, sl], xk[:, sl], xv[:, sl], e[:, sl], tok[s][:, None], eta_mat, ln, p, g)
             outs.append(out)
-            g = [a + c for a, c in zip(g, contrib)]
+            g = [a + c for a, c in zip(g, contrib, strict=True)]
             if s0 + n == b:
-                p = [pw - tok[b - 1] * a for pw, a in zip(p, g)]
+                p = [pw - tok[b - 1] * a for pw, a in zip(p, g, strict=True)]
                 g = [torch.zeros_like(a) for a in g]
             t0 = t1
         return torch.cat(outs, dim=1), p, g

@@ -74,15 +74,15 @@ def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, gr
             pos = (start + t) % b  # [B]
             tok_t = tok[pos].view(B, 1, 1, 1)
             contrib, read = token_fn(xk[:, :, t], xv[:, :, t], e[:, :, t], state, gamma, beta)
-            acc = [a + c for a, c in zip(acc, contrib)]
-            weights = [p - tok_t * a for p, a in zip(state, acc)]
+            acc = [a + c for a, c in zip(acc, contrib, strict=True)]
+            weights = [p - tok_t * a for p, a in zip(state, acc, strict=True)]
             zs.append(read(xq[:, :, t], weights))
             commit = [online or (o + t) % b == b - 1 for o in offsets]
             if all(commit):
                 state, acc = weights, [torch.zeros_like(a) for a in acc]
             elif any(commit):
                 m = torch.tensor(commit, device=q.device).view(B, 1, 1, 1)
-                state = [torch.where(m, w, p) for w, p in zip(weights, state)]
+                state = [torch.where(m, w, p) for w, p in zip(weights, state, strict=True)]
                 acc = [torch.where(m, 0.0, a) for a in acc]
         z = torch.cat(zs, dim=2)  # [B, H, T, D]
         o = (xq.squeeze(3) + layer_norm(z, gamma, beta)).transpose(1, 2).to(q.dtype)

@@ -1,0 +1,485 @@
+"""TTT-Linear and TTT-MLP layers (Sun et al. 2024, arXiv 2407.04620) with an explicit, fp32, per-row state.
+
+Parameter names, shapes and init follow ``test-time-training/ttt-lm-pytorch`` (``TTTLinear`` / ``TTTMLP``), so
+its layer state_dicts load with ``strict=True``. The fast weights are per-sequence state (:class:`TTTState`); the
+parameters ``W1, b1 (, W2, b2)`` are only the learned initial state W0. Semantics: ``docs/ttt.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.ttt import (
+    chunk_ttt_linear,
+    chunk_ttt_mlp,
+    gelu_tanh,
+    recurrent_ttt_linear,
+    recurrent_ttt_mlp,
+)
+
+LAYER_TYPES = ("linear", "mlp")
+SCAN_MODES = ("dual", "primal")
+DECODE_MODES = ("anchored", "online")
+
+
+@dataclass
+class TTTConfig:
+    """Configuration of one TTT layer.
+
+    Args:
+        hidden_size: model width ``C``.
+        num_heads: number of heads ``H``; ``head_dim = C // H`` must be even (RoPE).
+        layer_type: ``"linear"`` (TTT-Linear) or ``"mlp"`` (TTT-MLP, inner hidden width ``4 * head_dim``).
+        mini_batch_size: inner-loop mini-batch ``b``; also the RoPE period and the length of ``learnable_token_idx``.
+        ttt_base_lr: scale of the learnable inner learning rate ``eta``.
+        rope_theta: RoPE base; positions restart at 0 in every mini-batch.
+        use_gate: multiply the output by ``gelu_tanh(g_proj(x))`` before ``o_proj``.
+        share_qk: no ``k_proj``; ``q`` and ``k`` are two causal depthwise convs (``conv_q``, ``conv_k``) over
+            ``q_proj(x)``, with their input tail kept in the state.
+        pre_conv: the reference's block-level conv before the layer. The layer does not apply it; a block builds
+            :class:`TTTPreConv` from this config when it is set.
+        conv_kernel: kernel size of ``conv_q`` / ``conv_k`` and of :class:`TTTPreConv`.
+        scan_mode: ``"dual"`` (fast, default) or ``"primal"`` (token by token, the reference) for multi-token calls.
+        decode_mode: ``"anchored"`` (default; single-token calls equal the full forward) or ``"online"`` (explicit
+            opt-in: a single-token call commits its update at once; a different function, see docs/ttt.md).
+        initializer_range: std of the q/k/v/o/g projection init (the reference's ``initializer_range``).
+        rms_norm_eps: eps of the RMSNorm in :class:`TTTPreConv`.
+        check_finite: raise on non-finite ``hidden_states`` (one device sync per call).
+    """
+
+    hidden_size: int
+    num_heads: int
+    layer_type: str = "linear"
+    mini_batch_size: int = 16
+    ttt_base_lr: float = 1.0
+    rope_theta: float = 10000.0
+    use_gate: bool = False
+    share_qk: bool = False
+    pre_conv: bool = False
+    conv_kernel: int = 4
+    scan_mode: str = "dual"
+    decode_mode: str = "anchored"
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            want = {"int": int, "float": (int, float), "bool": bool, "str": str}[str(f.type)]
+            if isinstance(value, bool) and f.type != "bool" or not isinstance(value, want):
+                raise ValueError(f"TTTConfig.{f.name} must be {f.type}, got {value!r}")
+        for name in ("hidden_size", "num_heads", "mini_batch_size", "conv_kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TTTConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(
+                f"TTTConfig.hidden_size ({self.hidden_size}) must be num_heads ({self.num_heads}) times an even "
+                "head_dim"
+            )
+        for name, allowed in (("layer_type", LAYER_TYPES), ("scan_mode", SCAN_MODES), ("decode_mode", DECODE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TTTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("ttt_base_lr", "initializer_range", "rms_norm_eps"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"TTTConfig.{name} must be finite and >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.rope_theta) and self.rope_theta > 0):
+            raise ValueError(f"TTTConfig.rope_theta must be finite and > 0, got {self.rope_theta}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class TTTState:
+    """Streaming state of one TTT layer; every row is an independent sequence.
+
+    All floating tensors are float32 whatever the model dtype.
+
+    Args:
+        params: fast weights at the current mini-batch anchor: ``W1`` [B, H, D, F], ``b1`` [B, H, 1, F] and, for
+            TTT-MLP, ``W2`` [B, H, F, D], ``b2`` [B, H, 1, D] (``F = D`` for TTT-Linear, ``4 * D`` for TTT-MLP).
+        grads: ``sum_j eta_j * grad_j`` over the tokens already seen in the current (uncommitted) mini-batch,
+            same keys and shapes as ``params``; zero right after a commit.
+        position: of shape [B], int64, on the CPU: tokens each row has seen in its current mini-batch, in
+            ``[0, mini_batch_size)``. Per row, so that a reset row restarts at position 0.
+        conv_tail: of shape [B, C, conv_kernel - 1], the last ``q_proj`` outputs feeding ``conv_q`` / ``conv_k``
+            (``share_qk`` only, else None).
+    """
+
+    params: dict[str, Tensor]
+    grads: dict[str, Tensor]
+    position: Tensor
+    conv_tail: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.position.shape[0]
+
+    def detach(self) -> TTTState:
+        """The same values cut from the autograd graph (e.g. between truncated-BPTT segments)."""
+        return replace(
+            self,
+            params={n: t.detach() for n, t in self.params.items()},
+            grads={n: t.detach() for n, t in self.grads.items()},
+            conv_tail=None if self.conv_tail is None else self.conv_tail.detach(),
+        )
+
+    def index_select(self, idx: Tensor) -> TTTState:
+        """Rows ``idx`` (of shape [B'], int64) in that order, e.g. to reorder beams; the result owns its memory."""
+        idx_dev = idx.to(next(iter(self.params.values())).device)
+        return TTTState(
+            params={n: t.index_select(0, idx_dev) for n, t in self.params.items()},
+            grads={n: t.index_select(0, idx_dev) for n, t in self.grads.items()},
+            position=self.position.index_select(0, idx.cpu()),
+            conv_tail=None if self.conv_tail is None else self.conv_tail.index_select(0, idx_dev),
+        )
+
+    reorder = index_select
+
+
+class TTTBase(nn.Module):
+    """Multi-head TTT layer; :class:`TTTLinear` and :class:`TTTMLP` choose the inner model.
+
+    Args:
+        config: the layer's :class:`TTTConfig`.
+    """
+
+    fast_weight_names: tuple[str, ...] = ()
+    layer_type: str = ""
+
+    def __init__(self, config: TTTConfig):
+        super().__init__()
+        if config.layer_type != self.layer_type:
+            raise ValueError(
+                f"{type(self).__name__} needs TTTConfig.layer_type={self.layer_type!r}, got {config.layer_type!r}"
+            )
+        self.config = config
+        C, H, D, b, K = (
+            config.hidden_size,
+            config.num_heads,
+            config.head_dim,
+            config.mini_batch_size,
+            config.conv_kernel,
+        )
+        self.hidden_size, self.num_heads, self.head_dim, self.mini_batch_size = C, H, D, b
+
+        self.q_proj = nn.Linear(C, C, bias=False)
+        if not config.share_qk:
+            self.k_proj = nn.Linear(C, C, bias=False)
+        self.v_proj = nn.Linear(C, C, bias=False)
+        self.o_proj = nn.Linear(C, C, bias=False)
+        if config.share_qk:
+            self.conv_q = nn.Conv1d(C, C, K, groups=C, bias=True, padding=K - 1)
+            self.conv_k = nn.Conv1d(C, C, K, groups=C, bias=True, padding=K - 1)
+        self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(H, 1, C))
+        self.learnable_ttt_lr_bias = nn.Parameter(torch.empty(H, 1))
+        self.learnable_token_idx = nn.Parameter(torch.empty(b))
+        self.ttt_norm_weight = nn.Parameter(torch.empty(H, D))
+        self.ttt_norm_bias = nn.Parameter(torch.empty(H, D))
+        if config.use_gate:
+            self.g_proj = nn.Linear(C, C, bias=False)
+        self.post_norm = nn.LayerNorm(C, eps=1e-6)
+        for name, shape in self._fast_weight_shapes():
+            setattr(self, name, nn.Parameter(torch.empty(shape)))
+        self.reset_parameters()
+
+    def _fast_weight_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        raise NotImplementedError
+
+    def _ops(self):
+        """``(chunk_op, recurrent_op)`` of the inner model."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initialise every parameter as ttt-lm-pytorch does, with in-place tensor ops.
+
+        Safe to call again after ``from_pretrained`` / ``no_init_weights`` / ``disable_torch_init``, which turn the
+        ``torch.nn.init`` functions and ``nn.Linear.reset_parameters`` into no-ops.
+        """
+        std = self.config.initializer_range
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "g_proj"):
+            if hasattr(self, name):
+                getattr(self, name).weight.normal_(0.0, std)
+        for name in ("conv_q", "conv_k"):
+            if hasattr(self, name):
+                # PyTorch's Conv1d default, which the reference keeps: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+                bound = 1.0 / math.sqrt(self.config.conv_kernel)
+                getattr(self, name).weight.uniform_(-bound, bound)
+                getattr(self, name).bias.uniform_(-bound, bound)
+        self.learnable_ttt_lr_weight.normal_(0.0, 0.02)
+        self.learnable_ttt_lr_bias.zero_()
+        self.learnable_token_idx.zero_()
+        self.ttt_norm_weight.fill_(1.0)
+        self.ttt_norm_bias.zero_()
+        self.post_norm.weight.fill_(1.0)
+        self.post_norm.bias.zero_()
+        for name, _ in self._fast_weight_shapes():
+            if name.startswith("W"):
+                getattr(self, name).normal_(0.0, 0.02)
+            else:
+                getattr(self, name).zero_()
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> TTTState:
+        """A fresh state: W0 cloned per row (float32, own storage, differentiable w.r.t. W0), zero accumulators,
+        position 0, zero conv tail."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = torch.device(device) if device is not None else self.W1.device
+        params = {}
+        for name, _ in self._fast_weight_shapes():
+            w0 = getattr(self, name).to(device=device, dtype=torch.float32)
+            params[name] = w0.unsqueeze(0).expand(batch_size, *w0.shape).clone()
+        return TTTState(
+            params=params,
+            grads={n: torch.zeros(t.shape, dtype=torch.float32, device=device) for n, t in params.items()},
+            position=torch.zeros(batch_size, dtype=torch.int64),
+            conv_tail=self._zero_conv_tail(batch_size, device),
+        )
+
+    def _zero_conv_tail(self, batch_size: int, device: torch.device) -> Tensor | None:
+        if not self.config.share_qk:
+            return None
+        return torch.zeros(batch_size, self.hidden_size, self.config.conv_kernel - 1, device=device)
+
+    def reset_state(self, state: TTTState, mask: Tensor) -> TTTState:
+        """Return ``state`` with the rows where ``mask`` (of shape [B], bool) is True back at W0, position 0,
+        zero accumulators and conv tail; the other rows are bit-identical."""
+        B = state.batch_size
+        if mask.shape != (B,) or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be [{B}] bool, got {list(mask.shape)} {mask.dtype}")
+        device = next(iter(state.params.values())).device
+        self._check_state(state, B, device)
+        fresh = self.init_state(B, device)
+        m = mask.to(device)
+
+        def pick(new: Tensor, old: Tensor) -> Tensor:
+            return torch.where(m.view(B, *[1] * (old.dim() - 1)), new, old)
+
+        return TTTState(
+            params={n: pick(fresh.params[n], t) for n, t in state.params.items()},
+            grads={n: pick(fresh.grads[n], t) for n, t in state.grads.items()},
+            position=torch.where(mask.cpu(), 0, state.position),
+            conv_tail=None if state.conv_tail is None else pick(fresh.conv_tail, state.conv_tail),
+        )
+
+    def forward(self, hidden_states: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
+        """Run the layer on ``hidden_states`` (of shape [B, T, C]) from ``state`` (None: :meth:`init_state`).
+
+        Returns ``(output [B, T, C], new_state)``. Any ``T >= 1``; a partial mini-batch at the end stays
+        uncommitted in ``new_state``. Cast points: q/k/v and the output projections run in the module / autocast
+        dtype; ``eta``, ``token_idx``, RoPE angles, the inner loop and the state are float32; the inner-loop output
+        is cast back to the ``q`` dtype before ``post_norm``.
+        """
+        self._check_input(hidden_states)
+        x = hidden_states
+        B, T, C = x.shape
+        H, D, b = self.num_heads, self.head_dim, self.mini_batch_size
+        if state is None:
+            state = self.init_state(B, x.device)
+        else:
+            self._check_state(state, B, x.device)
+
+        xq, xk, xv, conv_tail = self._qkv(x, state.conv_tail)
+        pos = (state.position.to(x.device)[:, None] + torch.arange(T, device=x.device)) % b  # [B, T]
+        xq, xk = self._rope(xq.view(B, T, H, D), pos), self._rope(xk.view(B, T, H, D), pos)
+        xv = xv.view(B, T, H, D)
+        eta, token_idx = self._eta(x)
+
+        chunk_op, recurrent_op = self._ops()
+        names = self.fast_weight_names
+        args = (xq, xk, xv, eta, token_idx, self.ttt_norm_weight, self.ttt_norm_bias)
+        kwargs = dict(
+            params=[state.params[n] for n in names], grads=[state.grads[n] for n in names], offset=state.position
+        )
+        if T == 1:
+            # a decode step: the primal form is the same function as the dual one, and cheaper for one token
+            o, params, grads = recurrent_op(*args, **kwargs, online=self.config.decode_mode == "online")
+        elif self.config.scan_mode == "dual":
+            o, params, grads = chunk_op(*args, **kwargs)
+        else:
+            o, params, grads = recurrent_op(*args, **kwargs)
+
+        o = self.post_norm(o.reshape(B, T, C))
+        if self.config.use_gate:
+            o = gelu_tanh(self.g_proj(x)) * o
+        new_state = TTTState(
+            params={n: t.float() for n, t in zip(names, params, strict=True)},
+            grads={n: t.float() for n, t in zip(names, grads, strict=True)},
+            position=(state.position + T) % b,
+            conv_tail=conv_tail,
+        )
+        return self.o_proj(o), new_state
+
+    def _qkv(self, x: Tensor, conv_tail: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        if not self.config.share_qk:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x), None
+        xqk = self.q_proj(x).mT  # [B, C, T]
+        full = torch.cat([conv_tail.to(xqk.dtype), xqk], dim=-1)  # [B, C, K - 1 + T]
+        xq = F.conv1d(full, self.conv_q.weight, self.conv_q.bias, groups=self.hidden_size).mT
+        xk = F.conv1d(full, self.conv_k.weight, self.conv_k.bias, groups=self.hidden_size).mT
+        tail = full[..., full.shape[-1] - conv_tail.shape[-1] :].float()
+        return xq, xk, self.v_proj(x), tail
+
+    def _rope(self, x: Tensor, pos: Tensor) -> Tensor:
+        """Rotate the interleaved pairs ``(x[2i], x[2i + 1])`` of ``x`` [B, T, H, D] by ``pos`` [B, T] (fp32 angles;
+        the reference's permute_qk / rotate_half / undo_permute_qk, written directly)."""
+        D = self.head_dim
+        with torch.autocast(x.device.type, enabled=False):
+            inv_freq = self.config.rope_theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+            ang = pos[..., None, None].float() * inv_freq  # [B, T, 1, D / 2]
+            cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+            x0, x1 = x[..., 0::2], x[..., 1::2]
+            return torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(-2)
+
+    def _eta(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-token inner learning rate ``ttt_base_lr * sigmoid(x . w_h + b_h) / head_dim`` of shape [B, T, H]
+        and the clamped ``token_idx = 1 / (i + 1) + learnable_token_idx`` of shape [b], both float32."""
+        b = self.mini_batch_size
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.learnable_ttt_lr_weight.float()[:, 0]  # [H, C]
+            lr = torch.einsum("btc,hc->bth", x.float(), w) + self.learnable_ttt_lr_bias.float()[:, 0]
+            eta = self.config.ttt_base_lr * torch.sigmoid(lr) / self.head_dim
+            base = 1.0 / torch.arange(1, b + 1, device=x.device, dtype=torch.float32)
+            token_idx = torch.clamp_min(base + self.learnable_token_idx.float(), 0.0)
+        return eta, token_idx
+
+    def _check_input(self, x: Tensor) -> None:
+        C = self.hidden_size
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != C or not x.is_floating_point():
+            got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"hidden_states must be a floating [B, T, {C}] tensor, got {got}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"hidden_states must be [B, T, {C}] with B, T >= 1, got {list(x.shape)}")
+        if self.config.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"hidden_states [B, T, {C}] = {list(x.shape)} holds NaN or inf values")
+
+    def _check_state(self, state: TTTState, batch_size: int, device: torch.device) -> None:
+        if not isinstance(state, TTTState):
+            raise ValueError(f"state must be a TTTState, got {type(state).__name__}")
+        B = batch_size
+        expected = {name: (B, *shape) for name, shape in self._fast_weight_shapes()}
+        for field_name in ("params", "grads"):
+            tensors = getattr(state, field_name)
+            if set(tensors) != set(expected):
+                raise ValueError(f"state.{field_name} must hold {sorted(expected)}, got {sorted(tensors)}")
+            for name, shape in expected.items():
+                _check_tensor(f"state.{field_name}[{name!r}]", tensors[name], shape, torch.float32, device)
+        _check_tensor("state.position", state.position, (B,), torch.int64, torch.device("cpu"))
+        if bool((state.position < 0).any() or (state.position >= self.mini_batch_size).any()):
+            raise ValueError(f"state.position must be in [0, {self.mini_batch_size}), got {state.position.tolist()}")
+        if self.config.share_qk:
+            if state.conv_tail is None:
+                raise ValueError(f"state.conv_tail must be [{B}, {self.hidden_size}, {self.config.conv_kernel - 1}]")
+            tail_shape = (B, self.hidden_size, self.config.conv_kernel - 1)
+            _check_tensor("state.conv_tail", state.conv_tail, tail_shape, torch.float32, device)
+        elif state.conv_tail is not None:
+            raise ValueError("state.conv_tail must be None without share_qk")
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _check_tensor(name: str, t: Tensor, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a tensor of shape {list(shape)}, got {type(t).__name__}")
+    if tuple(t.shape) != shape or t.dtype != dtype or not _same_device(t.device, device):
+        want = f"{list(shape)} {str(dtype).removeprefix('torch.')} on {device}"
+        got = f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')} on {t.device}"
+        raise ValueError(f"{name} must be {want}, got {got}")
+
+
+class TTTLinear(TTTBase):
+    """TTT-Linear: the inner model is ``x @ W1 + b1`` per head, W1 of shape [H, D, D], b1 [H, 1, D]."""
+
+    fast_weight_names = ("W1", "b1")
+    layer_type = "linear"
+
+    def _fast_weight_shapes(self):
+        H, D = self.num_heads, self.head_dim
+        return [("W1", (H, D, D)), ("b1", (H, 1, D))]
+
+    def _ops(self):
+        return chunk_ttt_linear, recurrent_ttt_linear
+
+
+class TTTMLP(TTTBase):
+    """TTT-MLP: the inner model is ``gelu_tanh(x @ W1 + b1) @ W2 + b2`` per head, hidden width ``4 * D``."""
+
+    fast_weight_names = ("W1", "b1", "W2", "b2")
+    layer_type = "mlp"
+
+    def _fast_weight_shapes(self):
+        H, D = self.num_heads, self.head_dim
+        return [("W1", (H, D, 4 * D)), ("b1", (H, 1, 4 * D)), ("W2", (H, 4 * D, D)), ("b2", (H, 1, D))]
+
+    def _ops(self):
+        return chunk_ttt_mlp, recurrent_ttt_mlp
+
+
+def build_ttt_layer(config: TTTConfig) -> TTTBase:
+    """:class:`TTTLinear` or :class:`TTTMLP`, as ``config.layer_type`` says."""
+    return {"linear": TTTLinear, "mlp": TTTMLP}[config.layer_type](config)
+
+
+class TTTPreConv(nn.Module):
+    """The reference's block-level pre-conv (``Block.conv``): RMSNorm, then a causal depthwise conv.
+
+    Keys ``norm.weight`` [C], ``conv.weight`` [C, 1, K], ``conv.bias`` [C] as in ttt-lm-pytorch's ``Conv``. The
+    block adds the residual: ``x = x + pre_conv(x)[0]``.
+
+    Args:
+        config: uses ``hidden_size``, ``conv_kernel`` and ``rms_norm_eps``.
+    """
+
+    def __init__(self, config: TTTConfig):
+        super().__init__()
+        C, K = config.hidden_size, config.conv_kernel
+        self.hidden_size, self.kernel_size, self.eps = C, K, config.rms_norm_eps
+        self.norm = _RMSNormWeight(C)
+        self.conv = nn.Conv1d(C, C, K, groups=C, bias=True, padding=K - 1)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        self.norm.weight.fill_(1.0)
+        self.conv.weight.uniform_(-bound, bound)
+        self.conv.bias.uniform_(-bound, bound)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> Tensor:
+        """A zero input tail of shape [B, C, K - 1], float32."""
+        return torch.zeros(batch_size, self.hidden_size, self.kernel_size - 1, device=device or self.conv.weight.device)
+
+    def forward(self, x: Tensor, tail: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x`` of shape [B, T, C] and an optional tail [B, C, K - 1] -> (``conv(rms_norm(x))`` [B, T, C], new
+        tail)."""
+        C, K = self.hidden_size, self.kernel_size
+        if x.dim() != 3 or x.shape[-1] != C or x.shape[1] == 0:
+            raise ValueError(f"x must be [B, T, {C}] with T >= 1, got {list(x.shape)}")
+        if tail is None:
+            tail = self.init_state(x.shape[0], x.device)
+        _check_tensor("tail", tail, (x.shape[0], C, K - 1), torch.float32, x.device)
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        h = (self.norm.weight * h).mT  # [B, C, T]
+        full = torch.cat([tail.to(h.dtype), h], dim=-1)
+        y = F.conv1d(full, self.conv.weight, self.conv.bias, groups=C).mT
+        return y, full[..., full.shape[-1] - (K - 1) :].float()
+
+
+class _RMSNormWeight(nn.Module):
+    """Holds the RMSNorm ``weight`` under the reference's key name; the norm itself is in :class:`TTTPreConv`."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
