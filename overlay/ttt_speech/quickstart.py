@@ -25,7 +25,7 @@ def run(batch_size: int = 2, frames: int = 48, seed: int = 0) -> dict:
         for m in moshi_int.ttt_modules(model).values():
             m.ttt_conv.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"moshi {moshi.__version__} from {moshi.__file__.removesuffix('/__init__.py')} (patched: 3 hooks present)")
+    print(f"moshi {moshi.__version__} from {moshi.__file__.removesuffix('/__init__.py')} (patched: 4 patches present)")
     print(f"tiny LMModel: {len(model.transformer.layers)} layers, dim {model.dim}, "
           f"attention context {model.context} frames, {n_params / 1e6:.2f}M parameters, seed {seed}")
 
