@@ -103,9 +103,7 @@ def check_patched() -> None:
         missing.append("0002 token_embeddings (LMModel.forward_text -> layer -> gating)")
     if "ttt_block" not in inspect.getsource(StreamingTransformerLayer.__init__):
         missing.append("0003 ttt_block slot (StreamingTransformerLayer.ttt_block)")
-    from moshi.modules.streaming import StreamingModule as _SM
-
-    if _SM.__bases__[0] is not nn.Module:
+    if StreamingModule.__bases__[0] is not nn.Module:
         missing.append("0004 compat (StreamingModule lists nn.Module first, for FSDP2)")
     if missing:
         raise PatchMissingError(
