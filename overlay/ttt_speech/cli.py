@@ -8,19 +8,57 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_TORCH_COMPILE", "1")
     parser = argparse.ArgumentParser(prog="ttt-speech", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
     quick = sub.add_parser("quickstart", help="the patched Moshi on the tiny default: forward and streaming")
     quick.add_argument("--batch-size", type=int, default=2)
     quick.add_argument("--frames", type=int, default=48)
     quick.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
 
-    os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    ft = sub.add_parser("finetune", help="fine-tune from a YAML config; extra --key.sub=value override it",
+                        epilog="examples: ttt-speech finetune configs/tiny.yaml --max_steps=50; "
+                               "ttt-speech finetune configs/dailytalk.yaml --submitit slurm --partition gpu")
+    ft.add_argument("config")
+    ft.add_argument("--nproc", type=int, default=1, help="local processes (torchrun) when not using --submitit")
+    ft.add_argument("--submitit", choices=["slurm", "local", "debug"], default=None)
+    ft.add_argument("--partition")
+    ft.add_argument("--nodes", type=int, default=1)
+    ft.add_argument("--gpus-per-node", type=int, default=8)
+    ft.add_argument("--time-min", type=int, default=60 * 24)
+    ft.add_argument("--account")
+    ft.add_argument("--constraint")
+    ft.add_argument("--qos")
+
+    plot = sub.add_parser("plot-monitor", help="PNG plots of a run's metrics.csv and ttt_stats.csv")
+    plot.add_argument("run_dir")
+
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "finetune":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+
     if args.command == "quickstart":
         from ttt_speech import quickstart
 
         quickstart.run(batch_size=args.batch_size, frames=args.frames, seed=args.seed)
+    elif args.command == "finetune":
+        from ttt_speech.launch import submit
+
+        if args.submitit is None:
+            return submit.run_local(args.config, extra, nproc=args.nproc)
+        slurm = submit.SlurmConfig(cluster=args.submitit, partition=args.partition, nodes=args.nodes,
+                                   gpus_per_node=args.gpus_per_node, time_min=args.time_min, account=args.account,
+                                   constraint=args.constraint, qos=args.qos)
+        job = submit.submit(args.config, extra, slurm)
+        print(f"submitted job {job.job_id}; logs in {job.paths.folder}")
+        if args.submitit != "slurm":
+            print(job.result())
+    elif args.command == "plot-monitor":
+        from ttt_speech.train.monitor import plot_monitor
+
+        for path in plot_monitor(args.run_dir):
+            print(f"wrote {path}")
     return 0
 
 

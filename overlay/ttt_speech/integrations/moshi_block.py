@@ -19,6 +19,7 @@ from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
 from ttt_speech.nn import TTTConfig, TTTState, build_ttt_layer
+from ttt_speech.nn.stats import fast_weight_stats
 
 
 @dataclass
@@ -46,6 +47,8 @@ class MoshiTTTBlock(StreamingModule[TTTBlockState]):
         gate_init: initial alpha; tanh(0.1) ~ 0.1 lets the pretrained path dominate at first.
         layer_idx: for error messages.
     """
+
+    record_stats = False  # set by the trainer's monitor: the next training forward fills `self.stats`
 
     def __init__(self, dim: int, ttt_config: TTTConfig, norm: str = "rms_norm_f32", gate_init: float = 0.1,
                  layer_idx: int | None = None, device=None, dtype=None) -> None:
@@ -85,7 +88,13 @@ class MoshiTTTBlock(StreamingModule[TTTBlockState]):
         y = self.norm(x)
         state = self._streaming_state
         if state is None:
-            out, _ = self.ttt(y.to(x.dtype))
+            out, final = self.ttt(y.to(x.dtype))
+            if self.record_stats:
+                with torch.no_grad():
+                    eta, _ = self.ttt._eta(y.to(x.dtype))
+                    self.stats = {"kind": "block", **fast_weight_stats(final.params["W1"], self.ttt.W1),
+                                  "eta_mean": eta.float().mean().item(), "eta_max": eta.float().max().item(),
+                                  "gate": torch.tanh(self.gate_alpha.float()).mean().item()}
         else:
             if state.batch_size != x.shape[0]:
                 raise ValueError(f"TTT block (layer {self.layer_idx}): streaming state holds {state.batch_size} "

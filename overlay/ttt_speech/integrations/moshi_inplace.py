@@ -22,6 +22,7 @@ from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
+from ttt_speech.nn.stats import fast_weight_stats
 from ttt_speech.ops.inplace_ttt import chunk_conv1d, chunk_inplace_ttt, clip_update
 
 TARGET_SOURCES = ("token_embeddings", "layer_input")
@@ -114,6 +115,7 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
     """
 
     takes_token_embeddings = True
+    record_stats = False  # set by the trainer's monitor: the next training forward fills `self.stats`
 
     def __init__(self, linear_in: nn.Linear, linear_out: nn.Linear, activation, config: InPlaceTTTConfig,
                  layer_idx: int | None = None) -> None:
@@ -216,9 +218,19 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         z = self.activation(h[..., 0, :]) * h[..., 1, :]  # [B, T, H]
         state = self._streaming_state
         if state is None:
-            out, _, _, _ = self._aligned(z, x0, self.linear_out.weight.float())
+            w0 = self.linear_out.weight.float()
+            out, w_last, _, _ = self._aligned(z, x0, w0)
+            if self.record_stats:
+                self.stats = self._stats(out, x0, w_last, w0)
             return out.to(x.dtype)
         return self._stream(z, x0, state).to(x.dtype)
+
+    @torch.no_grad()
+    def _stats(self, out: torch.Tensor, x0: torch.Tensor, w_last: torch.Tensor, w0: torch.Tensor) -> dict:
+        n_full = x0.shape[1] // self.config.chunk_size * self.config.chunk_size
+        inner = -(out[:, :n_full] * self.targets(x0[:, :n_full])).sum(-1).mean() if n_full else out.new_zeros(())
+        return {"kind": "inplace", **fast_weight_stats(w_last, w0), "inner_loss": inner.item(),
+                "eta_mean": self.config.lr, "eta_max": self.config.lr}
 
     def _stream(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState) -> torch.Tensor:
         """Continue each row from its state: finish its current chunk (buffered), then whole chunks, then buffer.

@@ -1,0 +1,138 @@
+"""Typed configs: nested dataclasses built from YAML, strictly.
+
+Loading fails on unknown keys and wrong types, naming the dotted key; `--a.b=value` overrides are parsed as YAML
+scalars; the resolved config is written back as YAML into the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit its schema; the message names the file and dotted key."""
+
+
+def _check(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {key} must be {_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping ({tp.__name__}), got {value!r}")
+        return from_dict(tp, value, where, prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+    if tp in (str, bool) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _name(tp: Any) -> str:
+    return " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise `ConfigError` naming the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(prefix + k for k in unknown)}; {cls.__name__} has {', '.join(fields)}")
+    kwargs = {name: _check(value, hints[name], prefix + name, where) for name, value in data.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing required key{'s' if len(missing) > 1 else ''} "
+                          f"{', '.join(prefix + m for m in missing)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from e
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` (or `--key.sub=value`) overrides; values are parsed as YAML scalars."""
+    data = dict(data)
+    for item in overrides:
+        text = item.removeprefix("--")
+        if "=" not in text:
+            raise ConfigError(f"override {item!r} must look like --key.sub=value")
+        key, raw = text.split("=", 1)
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read YAML `path`, apply `overrides`, and build `cls` strictly."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the config: {e}") from e
+    return from_dict(cls, apply_overrides(data, overrides or []), where=str(path))
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def save_config(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    return path
