@@ -114,7 +114,7 @@ def test_curriculum_stages_change_duration_and_lr(tmp_path: Path) -> None:
 def test_monitor_writes_stats_and_plots(tmp_path: Path) -> None:
     train(tiny(tmp_path / "run", "--max_steps=6", "--monitor_freq=2", "--export_safetensors=false"))
     rows = list(csv.DictReader((tmp_path / "run" / "ttt_stats.csv").open()))
-    assert {(int(r["step"]), int(r["layer"])) for r in rows} == {(s, l) for s in (0, 2, 4) for l in (0, 2)}
+    assert {(int(r["step"]), int(r["layer"])) for r in rows} == {(s, layer) for s in (0, 2, 4) for layer in (0, 2)}
     assert float(rows[-1]["update_norm"]) > 0  # the conv has moved off zero after a few steps
     paths = plot_monitor(tmp_path / "run")
     assert [p.name for p in paths] == ["training.png", "ttt_stats.png"] and all(p.stat().st_size > 0 for p in paths)

@@ -7,8 +7,6 @@ import math
 import warnings
 from pathlib import Path
 
-import torch
-
 from ttt_speech.integrations.moshi import ttt_modules
 
 FIELDS = ["step", "layer", "kind", "w_mean", "w_std", "w_max_abs", "update_norm", "inner_loss", "eta_mean",
