@@ -69,7 +69,8 @@ class LoraConfig:
 
 @dataclass
 class StageConfig:
-    """One curriculum stage: `steps` steps on crops of `duration_sec`, OneCycle peaking at `lr` (None: optim.lr)."""
+    """One curriculum stage: `steps` steps on crops of `duration_sec`, one OneCycle per stage. `lr` (None:
+    optim.lr) is the base group's peak; the TTT group's peak scales by the same factor (lr / optim.lr)."""
 
     duration_sec: float
     steps: int
