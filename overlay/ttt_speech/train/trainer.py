@@ -21,7 +21,7 @@ from ttt_speech.train.data import FRAME_RATE, build_train_loader
 from ttt_speech.train.loss import moshi_loss
 from ttt_speech.train.model import apply_lora, build_model, merge_lora, parameter_groups, ttt_trainable_names
 from ttt_speech.train.monitor import Monitor
-from ttt_speech.train.parallel import all_mean, barrier, init_distributed, parallelize
+from ttt_speech.train.parallel import all_mean, any_rank, barrier, init_distributed, parallelize
 from ttt_speech.train.schedule import Schedule
 
 METRICS = ["step", "stage", "loss", "text_loss", "audio_loss", "lr", "grad_norm", "tokens_per_s"]
@@ -110,7 +110,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                             f"{grad_norm.item():.4f}", f"{tok_s:.0f}"])
             bar.set_postfix(loss=f"{logged[0].item():.3f}", tok_s=f"{tok_s:.0f}")
             bar.update(1)
-        stopping = _stop_requested or step == cfg.stop_after
+        stopping = any_rank(_stop_requested, device) or step == cfg.stop_after  # signals reach ranks at different times
         if step % cfg.ckpt_freq == 0 or step == total or stopping:
             save_checkpoint(run_dir, step, model, optimizer, schedule, {"step": step, "world_size": world},
                             {"stage": stage_idx, "loader": loader.state_dict()}, rank, cfg.keep_checkpoints)
