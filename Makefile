@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-stamp
 # moshi compiles some functions on first call otherwise (~14 s each on CPU)
 export NO_TORCH_COMPILE ?= 1
 
-.PHONY: setup apply-patches check-patches export-patches upstream-status quickstart test lint
+.PHONY: setup apply-patches check-patches export-patches upstream-status quickstart test lint samples system-deps
 
 setup: $(STAMP)
 
@@ -31,10 +31,19 @@ export-patches: $(STAMP)
 upstream-status: $(STAMP)
 	$(PY) scripts/upstream.py status
 
-quickstart: apply-patches
+# espeak-ng (and sox) from Debian, only when missing; needs root
+system-deps:
+	bash scripts/install_system_deps.sh
+
+# the sample set (synthesised speech, alignments, tokenizer) in data/samples; a no-op when up to date
+samples: $(STAMP)
+	@command -v espeak-ng >/dev/null || bash scripts/install_system_deps.sh
+	$(PY) scripts/make_samples.py --out data/samples
+
+quickstart: apply-patches samples
 	$(VENV)/bin/ttt-speech quickstart
 
-test: apply-patches
+test: apply-patches samples
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -38,7 +38,8 @@ class SyntheticCodes:
         self.index = int(state["index"])
 
 
-def build_train_loader(cfg, duration_sec: float, lm_kwargs: dict[str, Any], rank: int, world_size: int):
+def build_train_loader(cfg, duration_sec: float, lm_kwargs: dict[str, Any], rank: int, world_size: int,
+                       device: str = "cpu"):
     """The stateful loader of one curriculum stage (crops of `duration_sec`)."""
     frames = int(round(duration_sec * FRAME_RATE))
     if cfg.data.train_data == "synthetic":
@@ -48,5 +49,6 @@ def build_train_loader(cfg, duration_sec: float, lm_kwargs: dict[str, Any], rank
 
     data_cfg = data.DataConfig(train_manifest=cfg.data.train_data, duration_sec=duration_sec,
                                batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                               tokenizer=cfg.data.tokenizer, mimi=cfg.data.mimi, codes_dir=cfg.data.codes_dir)
+                               tokenizer=cfg.data.tokenizer or "", mimi=cfg.data.mimi, codes_dir=cfg.data.codes_dir,
+                               device=device)
     return data.build_loader(data_cfg, rank=rank, world_size=world_size)

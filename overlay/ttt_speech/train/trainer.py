@@ -63,7 +63,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                   f"{world}; the data position is per process, so resume with the same count")
         step = resumed_from = int(train_state["step"])
         stage_idx = rank_state["stage"]
-        loader = build_train_loader(cfg, stages[stage_idx].duration_sec, lm_kwargs, rank, world)
+        loader = build_train_loader(cfg, stages[stage_idx].duration_sec, lm_kwargs, rank, world, str(device))
         loader.load_state_dict(rank_state["loader"])
     monitor = Monitor(model, run_dir / "ttt_stats.csv" if rank == 0 else None)
     if rank == 0 and resumed_from is None:
@@ -80,7 +80,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         i, _ = schedule.stage_at(step)
         if i != stage_idx:  # a new curriculum stage: crops of its duration, data from its start
             stage_idx = i
-            loader = build_train_loader(cfg, stages[i].duration_sec, lm_kwargs, rank, world)
+            loader = build_train_loader(cfg, stages[i].duration_sec, lm_kwargs, rank, world, str(device))
         codes = next(loader).to(device)
         lr = schedule.apply(optimizer, step)
         if rank == 0 and step % cfg.monitor_freq == 0:
