@@ -34,6 +34,29 @@ def main(argv: list[str] | None = None) -> int:
     plot = sub.add_parser("plot-monitor", help="PNG plots of a run's metrics.csv and ttt_stats.csv")
     plot.add_argument("run_dir")
 
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval_command", required=True)
+    ll = ev.add_parser("librilight", help="NLL by position past the attention window (report: JSON, CSV, PNG)")
+    ll.add_argument("--checkpoint", action="append", required=True, dest="checkpoints",
+                    help="NAME=PATH (repeatable): a run's export/ folder, or a moshi safetensors file")
+    ll.add_argument("--manifest", required=True, help="long-form audio manifest (ttt-speech data librilight)")
+    ll.add_argument("--tokenizer", required=True)
+    ll.add_argument("--mimi", default="tiny-random")
+    ll.add_argument("--codes-dir")
+    ll.add_argument("--out", required=True)
+    ll.add_argument("--mode", choices=["streaming", "parallel"], default="streaming")
+    ll.add_argument("--step", type=int, default=1, help="frames per streaming call (1: frame by frame)")
+    ll.add_argument("--bins", type=int, nargs="+", default=None, help="bin centres in frames")
+    ll.add_argument("--max-frames", type=int)
+    ll.add_argument("--device", default="cpu")
+    ll.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    lm = data.add_parser("librilight", help="long-form manifest: a speaker's chapters concatenated in order")
+    lm.add_argument("root")
+    lm.add_argument("out_dir")
+    lm.add_argument("--min-minutes", type=float, default=30.0)
+    lm.add_argument("--max-files", type=int)
+
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "finetune":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -54,6 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"submitted job {job.job_id}; logs in {job.paths.folder}")
         if args.submitit != "slurm":
             print(job.result())
+    elif args.command == "eval":
+        from ttt_speech.eval import librilight
+
+        librilight.run(args.checkpoints, args.manifest, args.tokenizer, args.out, mimi=args.mimi,
+                       codes_dir=args.codes_dir, mode=args.mode, step=args.step, bins=args.bins,
+                       max_frames=args.max_frames, device=args.device, dtype=args.dtype)
+    elif args.command == "data":
+        from ttt_speech.data.librilight import build_librilight_long
+
+        print(f"wrote {build_librilight_long(args.root, args.out_dir, args.min_minutes, max_files=args.max_files)}")
     elif args.command == "plot-monitor":
         from ttt_speech.train.monitor import plot_monitor
 

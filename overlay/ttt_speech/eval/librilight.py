@@ -213,3 +213,52 @@ def plot_report(report: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def load_documents(manifest: str | Path, tokenizer: str | Path, mimi: str = "tiny-random",
+                   codes_dir: str | Path | None = None, max_frames: int | None = None,
+                   device: str = "cpu") -> list[tuple[str, torch.Tensor]]:
+    """Every recording of `manifest` as whole token streams [17, F] (text, then the 16 codebooks)."""
+    from ttt_speech.data import DataConfig, build_loader
+
+    loader = build_loader(DataConfig(train_manifest=str(manifest), duration_sec=10.0, shuffle=False,
+                                     random_crop=False, tokenizer=str(tokenizer), mimi=mimi,
+                                     codes_dir=str(codes_dir) if codes_dir else None, device=device, cache_files=1))
+    docs = []
+    for i, entry in enumerate(tqdm(loader.entries, desc="encoding documents", unit="doc")):
+        stream = loader.recording_stream(i).long()
+        docs.append((str(entry.path), stream[:, :max_frames] if max_frames else stream))
+    return docs
+
+
+def run(checkpoints: list[str], manifest: str, tokenizer: str, out_dir: str, mimi: str = "tiny-random",
+        codes_dir: str | None = None, mode: str = "streaming", step: int = 1, bins: list[int] | None = None,
+        max_frames: int | None = None, device: str = "cpu", dtype: str = "float32") -> dict:
+    """`ttt-speech eval librilight`: checkpoints are `NAME=PATH` or `PATH` (named by its folder)."""
+    from ttt_speech.integrations.moshi import load_any_lm
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    models = {}
+    for spec in checkpoints:
+        name, _, path = spec.rpartition("=")
+        name = name or Path(path).name
+        if name in models:
+            raise ValueError(f"two checkpoints named {name!r}; name them NAME=PATH")
+        models[name] = (path, load_any_lm(path, device=device, dtype=torch_dtype))
+    docs = load_documents(manifest, tokenizer, mimi, codes_dir, max_frames, device)
+    report = evaluate(models, docs, out_dir, mode=mode, step=step, bins=bins, device=device)
+    print_summary(report)
+    return report
+
+
+def print_summary(report: dict) -> None:
+    print(f"{'checkpoint':<14} {'stream':<6} " + " ".join(f"{f'{lo}-{hi}':>11}" for lo, hi in report["bins"])
+          + f" {'slope/log':>10}")
+    for name, ck in report["checkpoints"].items():
+        for stream in ("text", "audio"):
+            cells = []
+            for b in ck["bins"]:
+                s = b["streams"][stream]
+                cells.append(f"{'-':>11}" if math.isnan(s["mean"]) else f"{s['mean']:>11.3f}")
+            slope = ck["slope_vs_log_pos"][stream]["mean"]
+            print(f"{name:<14} {stream:<6} " + " ".join(cells) + f" {slope:>+10.4f}")

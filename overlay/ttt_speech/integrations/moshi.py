@@ -325,3 +325,21 @@ def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kw
         state.update({k: v for k, v in model.state_dict().items() if k in missing})
     model.load_state_dict(state, assign=True)
     return model
+
+
+def load_any_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                lm_kwargs: dict[str, Any] | None = None) -> LMModel:
+    """A model for evaluation: a folder or file with `ttt_config.json` beside it loads with `load_ttt_lm`; otherwise
+    moshi's own `get_moshi_lm` (strict) with `lm_config.json` beside the weights, or `lm_kwargs`, or moshi 7B's."""
+    from moshi.models.loaders import get_moshi_lm
+
+    path = Path(path)
+    directory = path if path.is_dir() else path.parent
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if (directory / TTT_CONFIG_FILE).is_file():
+        return load_ttt_lm(weights, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
+    if lm_kwargs is None and (directory / LM_CONFIG_FILE).is_file():
+        lm_kwargs = json.loads((directory / LM_CONFIG_FILE).read_text())
+    if not weights.is_file():
+        raise FileNotFoundError(f"no checkpoint at {weights}")
+    return get_moshi_lm(str(weights), lm_kwargs=lm_kwargs, device=device, dtype=dtype)
