@@ -7,7 +7,8 @@ STAMP := $(VENV)/.setup-stamp
 # moshi compiles some functions on first call otherwise (~14 s each on CPU)
 export NO_TORCH_COMPILE ?= 1
 
-.PHONY: setup apply-patches check-patches export-patches upstream-status quickstart test lint samples system-deps
+.PHONY: setup apply-patches check-patches export-patches upstream-status quickstart test lint samples system-deps \
+	eval-librilight
 
 setup: $(STAMP)
 
@@ -42,6 +43,19 @@ samples: $(STAMP)
 
 quickstart: apply-patches samples
 	$(VENV)/bin/ttt-speech quickstart
+
+# NLL by position past the attention window. Defaults: the quickstart's base and TTT models on the sample audiobook.
+# Real use: make eval-librilight CHECKPOINTS="base=/path/moshi.safetensors ttt=runs/x/export" \
+#   MANIFEST=/data/librilight_long/long.jsonl TOKENIZER=/path/tokenizer.model MIMI=/path/mimi.safetensors
+CHECKPOINTS ?= base=runs/quickstart/base/export ttt=runs/quickstart/ttt/export
+MANIFEST ?= data/samples/audiobook.jsonl
+TOKENIZER ?= data/samples/tokenizer.model
+MIMI ?= tiny-random
+EVAL_OUT ?= runs/eval-librilight
+EVAL_ARGS ?=
+eval-librilight: apply-patches samples
+	$(VENV)/bin/ttt-speech eval librilight $(foreach c,$(CHECKPOINTS),--checkpoint $(c)) --manifest $(MANIFEST) \
+	  --tokenizer $(TOKENIZER) --mimi $(MIMI) --out $(EVAL_OUT) $(EVAL_ARGS)
 
 test: apply-patches samples
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -53,7 +53,7 @@ def make_batch(g: torch.Generator, batch: int, seg: int, gap: int, tail: int, vo
 
 
 def variant_model(name: str, args) -> torch.nn.Module:
-    # Moshi-shaped (text + delayed audio codebooks, depformer), with 2 + 2 codebooks instead of 8 + 8 to fit the CPU budget
+    # Moshi-shaped (text + delayed audio codebooks, depformer), 2 + 2 codebooks instead of 8 + 8 for the CPU budget
     kwargs = tiny_lm_kwargs(dim=args.dim, num_heads=4, num_layers=args.layers, context=args.context,
                             text_card=4 + args.vocab, card=4 + args.vocab + 4, n_q=4, dep_q=2, delays=[0, 0, 1, 0, 1],
                             depformer_num_layers=1)
