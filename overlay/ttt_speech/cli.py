@@ -12,9 +12,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ttt-speech", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    quick = sub.add_parser("quickstart", help="the patched Moshi on the tiny default: forward and streaming")
-    quick.add_argument("--batch-size", type=int, default=2)
-    quick.add_argument("--frames", type=int, default=48)
+    quick = sub.add_parser("quickstart", help="the whole pipeline on the tiny default: fine-tune with a resume, "
+                           "plots, eval report (CPU, a few minutes)")
+    quick.add_argument("--out", default="runs/quickstart")
+    quick.add_argument("--steps", type=int, default=200)
     quick.add_argument("--seed", type=int, default=0)
 
     ft = sub.add_parser("finetune", help="fine-tune from a YAML config; extra --key.sub=value override it",
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "quickstart":
         from ttt_speech import quickstart
 
-        quickstart.run(batch_size=args.batch_size, frames=args.frames, seed=args.seed)
+        quickstart.run(out=args.out, steps=args.steps, seed=args.seed)
     elif args.command == "finetune":
         from ttt_speech.launch import submit
 
