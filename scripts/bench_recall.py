@@ -65,7 +65,8 @@ def variant_model(name: str, args) -> torch.nn.Module:
                                         lr=args.inplace_lr, conv="next", conv_kernel=2))
     elif name == "block":
         apply_ttt(model, MoshiTTTConfig(kind="block", layers=args.ttt_layers, ttt_mini_batch_size=args.chunk,
-                                        ttt_num_heads=4, ttt_base_lr=1.0, gate_init=0.1))
+                                        ttt_num_heads=4, ttt_base_lr=args.block_base_lr,
+                                        gate_init=args.block_gate_init))
     return model
 
 
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--ttt-layers", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--inplace-lr", type=float, default=1.0)
+    ap.add_argument("--block-base-lr", type=float, default=1.0, help="the TTT block's ttt_base_lr")
+    ap.add_argument("--block-gate-init", type=float, default=0.1, help="the TTT block's tanh gate alpha at init")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-batches", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
