@@ -113,3 +113,21 @@ def test_report_follows_the_schema(tmp_path: Path) -> None:
     assert len(rows) == 2 * len(ALL_STREAMS) * 3
     assert (tmp_path / "nll_vs_position.png").stat().st_size > 0
     assert report["checkpoints"]["base"]["attention_context"] == base.context
+
+
+def test_librilight_long_manifest_concatenates_a_speakers_chapters(tmp_path: Path) -> None:
+    import sphn
+
+    from ttt_speech.data.librilight import build_librilight_long
+    from ttt_speech.data.manifest import read_alignments, read_manifest
+
+    for speaker, chapters in (("101", 3), ("202", 1)):
+        for c in range(chapters):
+            path = tmp_path / "ll" / speaker / "book" / f"{c:02d}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sphn.write_wav(str(path), np.full((1, 24000 * 20), 0.01 * (c + 1), dtype=np.float32), 24000)
+    manifest = build_librilight_long(tmp_path / "ll", tmp_path / "out", min_minutes=0.9, gap_sec=0.5,
+                                     pattern="*/*/*.wav")
+    (entry,) = read_manifest(manifest)  # speaker 101: 3 x 20 s + gaps >= 54 s; speaker 202's 20 s is dropped
+    assert Path(entry.path).name == "101_000.wav" and entry.duration == pytest.approx(61.5)
+    assert read_alignments(entry.alignment_path) == []

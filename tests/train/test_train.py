@@ -153,3 +153,24 @@ def test_submitit_local_executor_runs_and_resumes(tmp_path: Path) -> None:
     job = submit(str(TINY), overrides, SlurmConfig(cluster="local", time_min=5))
     result = job.result()
     assert result == {"status": "done", "steps": 4, "resumed_from_step": 2, "export": None, "frames_per_sample": 10}
+
+
+def test_loss_decreases_on_the_sample_set(tmp_path: Path) -> None:
+    from ttt_speech.data.codes import pre_encode
+
+    samples = REPO / "data" / "samples"
+    assert (samples / "samples.json").is_file(), f"sample set missing at {samples}: run make samples"
+    codes = tmp_path / "codes"
+    pre_encode(samples / "dialogues.jsonl", codes, mimi="tiny-random")
+    result = train(tiny(tmp_path / "run", "--max_steps=40", "--duration_sec=4.0", "--export_safetensors=false",
+                        f"--data.train_data={samples / 'dialogues.jsonl'}",
+                        f"--data.tokenizer={samples / 'tokenizer.model'}", f"--data.codes_dir={codes}"))
+    losses = result["losses"]
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10  # noisy per step: crops of speech or silence
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path: Path) -> None:
+    plain = train(tiny(tmp_path / "plain", "--max_steps=3", "--export_safetensors=false"))
+    ckpt = train(tiny(tmp_path / "ckpt", "--max_steps=3", "--export_safetensors=false",
+                      "--gradient_checkpointing=true"))
+    assert ckpt["losses"] == pytest.approx(plain["losses"], rel=1e-5)

@@ -697,7 +697,7 @@ def load_ttt_state_dict(model: nn.Module, state_dict: dict[str, Tensor], *, requ
     ttt_keys = ttt_parameter_names(model)
     missing_ttt = [k for k in ttt_keys if k not in state]
     report = _report(model, missing_ttt, unexpected, require_ttt, where)
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(state, strict=False)  # partial by design: keys were checked by name above
     if result.unexpected_keys:
         raise ValueError(f"{where}: unexpected keys {sorted(result.unexpected_keys)}")
     return report
