@@ -62,7 +62,8 @@ def variant_model(name: str, args) -> torch.nn.Module:
     model = build_lm(kwargs, seed=args.seed)
     if name == "inplace":
         apply_ttt(model, MoshiTTTConfig(kind="inplace", layers=args.ttt_layers, chunk_size=args.chunk,
-                                        lr=args.inplace_lr, conv="next", conv_kernel=2))
+                                        lr=args.inplace_lr, conv=args.inplace_conv,
+                                        conv_kernel=args.inplace_kernel))
     elif name == "block":
         apply_ttt(model, MoshiTTTConfig(kind="block", layers=args.ttt_layers, ttt_mini_batch_size=args.chunk,
                                         ttt_num_heads=4, ttt_base_lr=args.block_base_lr,
@@ -122,6 +123,8 @@ def main() -> None:
     ap.add_argument("--ttt-layers", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--chunk", type=int, default=16)
     ap.add_argument("--inplace-lr", type=float, default=1.0)
+    ap.add_argument("--inplace-conv", default="next", choices=["next", "centred"])
+    ap.add_argument("--inplace-kernel", type=int, default=2, help="1 with centred: a causal target (token t only)")
     ap.add_argument("--block-base-lr", type=float, default=1.0, help="the TTT block's ttt_base_lr")
     ap.add_argument("--block-gate-init", type=float, default=0.1, help="the TTT block's tanh gate alpha at init")
     ap.add_argument("--lr", type=float, default=3e-3)
