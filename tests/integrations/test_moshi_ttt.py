@@ -35,6 +35,21 @@ def forward_text_input(model, codes: torch.Tensor) -> torch.Tensor:
     return torch.cat([initial, _delay_sequence(model.delays, codes, initial)], dim=2)[:, :, :-1]
 
 
+def stream(model, seq: torch.Tensor, pieces: list[int], reset_at: int | None = None, inspect=None) -> torch.Tensor:
+    """forward_text over `seq` in streaming, in calls of `pieces` frames; row 0 is reset before frame `reset_at`;
+    `inspect()` runs inside the streaming context at the end."""
+    outs, start = [], 0
+    with torch.no_grad(), model.streaming(seq.shape[0]):
+        for n in pieces:
+            if start == reset_at:
+                model.reset_streaming(torch.tensor([True] + [False] * (seq.shape[0] - 1)))
+            outs.append(model.forward_text(seq[:, :, start:start + n])[0])
+            start += n
+        if inspect is not None:
+            inspect()
+    return torch.cat(outs, 1)
+
+
 def ttt_model(seed: int = 0, lr: float = 0.5, **cfg) -> torch.nn.Module:
     """A tiny TTT model whose TTT actually matters: random conv and target instead of the zero-conv init."""
     model = build_lm(seed=seed)
@@ -79,15 +94,9 @@ def test_parallel_equals_pieces_equals_frame_by_frame(chunk_size: int, conv: str
     seq = forward_text_input(model, random_codes(model, B, T))
     with torch.no_grad():
         full, _ = model.forward_text(seq)
-        for pieces in ([T], [5, 1, 9, 4], [1] * T):
-            outs = []
-            with model.streaming(B):
-                start = 0
-                for n in pieces:
-                    outs.append(model.forward_text(seq[:, :, start:start + n])[0])
-                    start += n
-            torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5,
-                                       msg=lambda m, p=pieces: f"pieces {p}: {m}")
+    for pieces in ([T], [5, 1, 9, 4], [1] * T):
+        torch.testing.assert_close(stream(model, seq, pieces), full, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, p=pieces: f"pieces {p}: {m}")
 
 
 def test_streaming_updates_only_when_a_chunk_completes() -> None:
@@ -108,14 +117,8 @@ def test_rows_are_independent_and_individually_reset() -> None:
     model = ttt_model(chunk_size=3)
     B, T, cut = 2, 14, 7
     seq = forward_text_input(model, random_codes(model, B, T))
+    stepped = stream(model, seq, [1] * T, reset_at=cut)
     with torch.no_grad():
-        with model.streaming(B):
-            outs = []
-            for t in range(T):
-                if t == cut:
-                    model.reset_streaming(torch.tensor([True, False]))
-                outs.append(model.forward_text(seq[:, :, t:t + 1])[0])
-            stepped = torch.cat(outs, 1)
         whole, _ = model.forward_text(seq)
         fresh_row0, _ = model.forward_text(seq[:1, :, cut:])
     torch.testing.assert_close(stepped[1:], whole[1:], rtol=1e-5, atol=1e-5)
@@ -274,30 +277,20 @@ def test_block_parallel_equals_pieces_equals_frame_by_frame(layer_type: str, min
     with torch.no_grad():
         full, _ = model.forward_text(seq)
         assert (full - build_lm(seed=0).eval().forward_text(seq)[0]).abs().max() > 1e-4  # the block matters
-        for pieces in ([6, 1, 7, 3], [1] * T):
-            outs = []
-            with model.streaming(B):
-                start = 0
-                for n in pieces:
-                    outs.append(model.forward_text(seq[:, :, start:start + n])[0])
-                    start += n
-            torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    for pieces in ([6, 1, 7, 3], [1] * T):
+        torch.testing.assert_close(stream(model, seq, pieces), full, rtol=1e-5, atol=1e-5)
 
 
 def test_block_rows_reset_individually_and_state_is_float32() -> None:
     model = block_model(3)
     B, T, cut = 2, 11, 5
     seq = forward_text_input(model, random_codes(model, B, T))
+    def fp32_state() -> None:
+        state = ttt_modules(model)[1]._streaming_state.ttt
+        assert all(t.dtype == torch.float32 for t in [*state.params.values(), *state.grads.values()])
+
+    stepped = stream(model, seq, [1] * T, reset_at=cut, inspect=fp32_state)
     with torch.no_grad():
-        with model.streaming(B):
-            outs = []
-            for t in range(T):
-                if t == cut:
-                    model.reset_streaming(torch.tensor([True, False]))
-                outs.append(model.forward_text(seq[:, :, t:t + 1])[0])
-            state = ttt_modules(model)[1]._streaming_state.ttt
-            assert all(t.dtype == torch.float32 for t in [*state.params.values(), *state.grads.values()])
-        stepped = torch.cat(outs, 1)
         whole, _ = model.forward_text(seq)
         fresh_row0, _ = model.forward_text(seq[:1, :, cut:])
     torch.testing.assert_close(stepped[1:], whole[1:], rtol=1e-5, atol=1e-5)
