@@ -5,11 +5,38 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; a known error (`ttt_speech.errors.TTTSpeechError`: config, data, checkpoint, divergence)
+    prints one line and returns 2, unless `--debug` asks for the traceback."""
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
+    debug = argv is not None and "--debug" in argv or argv is None and "--debug" in sys.argv[1:]
+    warnings.formatwarning = _one_line_warning
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from ttt_speech.errors import TTTSpeechError
+
+        if debug or not isinstance(e, TTTSpeechError):
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="ttt-speech", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of known errors too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     quick = sub.add_parser("quickstart", help="the whole pipeline on the tiny default: fine-tune with a resume, "
@@ -23,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
                                "ttt-speech finetune configs/dailytalk.yaml --submitit slurm --partition gpu")
     ft.add_argument("config")
     ft.add_argument("--nproc", type=int, default=1, help="local processes (torchrun) when not using --submitit")
+    ft.add_argument("--allow-config-change", nargs="+", default=[], metavar="KEY",
+                    help="on resume, keys that may differ from the checkpoint's config (max_steps, optim.lr, ...)")
+    ft.add_argument("--check", action="store_true", help="validate the config and overrides, then exit")
     ft.add_argument("--submitit", choices=["slurm", "local", "debug"], default=None)
     ft.add_argument("--partition")
     ft.add_argument("--nodes", type=int, default=1)
@@ -61,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "finetune":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "finetune":
+        extra = [x for x in extra if x != "--debug"]  # also accepted after the subcommand (see main)
+        stray = [x for x in extra if not x.startswith("--") or "=" not in x]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)} (config overrides look like --key.sub=value)")
+        if args.allow_config_change:
+            extra = [*extra, f"--allow_config_change=[{', '.join(args.allow_config_change)}]"]
 
     if args.command == "quickstart":
         from ttt_speech import quickstart
@@ -69,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "finetune":
         from ttt_speech.launch import submit
 
+        if args.check:
+            cfg = submit.check(args.config, extra, nproc=args.nproc if args.submitit is None else None)
+            print(f"{args.config}: ok ({cfg.total_steps} steps, run_dir {cfg.run_dir})")
+            return 0
         if args.submitit is None:
             return submit.run_local(args.config, extra, nproc=args.nproc)
         slurm = submit.SlurmConfig(cluster=args.submitit, partition=args.partition, nodes=args.nodes,

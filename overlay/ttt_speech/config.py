@@ -14,11 +14,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ttt_speech.errors import ConfigError
+
 T = TypeVar("T")
 
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict"]
 
-class ConfigError(ValueError):
-    """A config that does not fit its schema; the message names the file and dotted key."""
+
+def _w(where: str) -> str:
+    """The message prefix naming the file; "" for a dataclass checked inside another's `__post_init__`."""
+    return f"{where}: " if where else ""
 
 
 def _check(value: Any, tp: Any, key: str, where: str) -> Any:
@@ -37,25 +42,25 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
                 return _check(value, arg, key, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {key} must be {_name(tp)}, got {value!r}")
+        raise ConfigError(f"{_w(where)}{key} must be {_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping ({tp.__name__}), got {value!r}")
+            raise ConfigError(f"{_w(where)}{key} must be a mapping ({tp.__name__}), got {value!r}")
         return from_dict(tp, value, where, prefix=f"{key}.")
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+            raise ConfigError(f"{_w(where)}{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp) or (Any,)
         return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: {key} must be a mapping, got {value!r}")
+            raise ConfigError(f"{_w(where)}{key} must be a mapping, got {value!r}")
         return dict(value)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+            raise ConfigError(f"{_w(where)}{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
@@ -64,12 +69,12 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+            raise ConfigError(f"{_w(where)}{key} must be a number, got {value!r}")
         return float(value)
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: {key} must be an integer, got {value!r}")
+        raise ConfigError(f"{_w(where)}{key} must be an integer, got {value!r}")
     if tp in (str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {value!r}")
+        raise ConfigError(f"{_w(where)}{key} must be {tp.__name__}, got {value!r}")
     return value
 
 
@@ -80,23 +85,25 @@ def _name(tp: Any) -> str:
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", prefix: str = "") -> T:
     """Build dataclass `cls` from `data`; unknown keys and wrong types raise `ConfigError` naming the key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{_w(where)}{prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} "
+        raise ConfigError(f"{_w(where)}unknown key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(prefix + k for k in unknown)}; {cls.__name__} has {', '.join(fields)}")
     kwargs = {name: _check(value, hints[name], prefix + name, where) for name, value in data.items()}
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"{where}: missing required key{'s' if len(missing) > 1 else ''} "
+        raise ConfigError(f"{_w(where)}missing required key{'s' if len(missing) > 1 else ''} "
                           f"{', '.join(prefix + m for m in missing)}")
     try:
         return cls(**kwargs)
+    except ConfigError as e:  # its message names the dotted key already
+        raise ConfigError(f"{_w(where)}{e}") from e
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or cls.__name__}: {e}") from e
+        raise ConfigError(f"{_w(where)}{prefix.rstrip('.') or cls.__name__}: {e}") from e
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ttt_speech.config import load_config
+from ttt_speech.errors import ConfigError
 from ttt_speech.train.config import TrainConfig
 
 
@@ -80,13 +81,24 @@ def executor_parameters(slurm: SlurmConfig) -> dict[str, Any]:
     return params
 
 
+def check(config_path: str, overrides: list[str], nproc: int | None = 1) -> TrainConfig:
+    """The config with its overrides, checked as the job will check it (types, unknown keys, `ttt:` against the
+    TTT schema, nonsense values), plus what depends on the process count; builds nothing, reads no data."""
+    cfg = load_config(TrainConfig, config_path, overrides)
+    if nproc is not None and nproc > 1 and cfg.parallel == "none":
+        raise ConfigError(f"{config_path}: parallel: none with {nproc} processes: nothing would synchronise their "
+                          "gradients; use parallel: fsdp2, or one process")
+    return cfg
+
+
 def submit(config_path: str, overrides: list[str], slurm: SlurmConfig, folder: str | Path | None = None):
     """Submit the fine-tune as a submitit job; returns the job (`job.result()` waits for it)."""
     import submitit
 
-    cfg = load_config(TrainConfig, config_path, overrides)  # fail here, not on the cluster
     if slurm.cluster not in ("slurm", "local", "debug"):
         raise ValueError(f"cluster must be slurm, local or debug, got {slurm.cluster!r}")
+    tasks = slurm.nodes * slurm.gpus_per_node if slurm.cluster == "slurm" else 1
+    cfg = check(config_path, overrides, nproc=tasks)  # fail here, not on the cluster
     folder = Path(folder or Path(cfg.run_dir) / "submitit")
     executor = submitit.AutoExecutor(folder=folder, cluster=slurm.cluster)
     executor.update_parameters(name=Path(cfg.run_dir).name, **executor_parameters(slurm))
@@ -95,11 +107,14 @@ def submit(config_path: str, overrides: list[str], slurm: SlurmConfig, folder: s
 
 def run_local(config_path: str, overrides: list[str], nproc: int = 1) -> int:
     """In this process (nproc 1) or with torchrun (nproc > 1)."""
+    cfg = check(config_path, overrides, nproc)  # before torchrun starts any process
     if nproc <= 1:
         from ttt_speech.train.trainer import train
 
-        result = train(load_config(TrainConfig, config_path, overrides))
-        print(f"finetune {result['status']}: {result['steps']} steps, resumed from {result['resumed_from_step']}")
+        result = train(cfg)
+        skipped = f", {result['skipped_steps']} non-finite steps skipped" if result.get("skipped_steps") else ""
+        print(f"finetune {result['status']}: {result['steps']} steps, resumed from {result['resumed_from_step']}"
+              f"{skipped}")
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "ttt_speech.cli", "finetune", config_path, *overrides]

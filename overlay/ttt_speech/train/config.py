@@ -5,10 +5,16 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ttt_speech.config import ConfigError
+from ttt_speech.config import ConfigError, from_dict
+from ttt_speech.data.audio import FRAME_RATE
+
+# max_steps when neither it nor `stages` is given
+DEFAULT_MAX_STEPS = 100
 
 
 @dataclass
@@ -43,6 +49,13 @@ class DataConfig:
     mimi: str = "tiny-random"
     codes_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        if not self.train_data:
+            raise ConfigError('data.train_data must name a jsonl manifest, or be "synthetic"')
+        if self.train_data == "synthetic" and self.codes_dir is not None:
+            raise ConfigError(f"data.codes_dir={self.codes_dir!r} with data.train_data=synthetic: synthetic codes "
+                              "are generated, never read; drop codes_dir or name the manifest it was encoded from")
+
 
 @dataclass
 class OptimConfig:
@@ -56,6 +69,22 @@ class OptimConfig:
     eps: float = 1e-8
     max_norm: float = 1.0
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "ttt_lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if self.lr == 0 and not self.ttt_lr:
+            raise ConfigError("optim.lr = 0 and optim.ttt_lr unset or 0: no parameter would train")
+        if not 0 <= self.pct_start <= 1:
+            raise ConfigError(f"optim.pct_start is the warm-up's fraction of a stage, in [0, 1], got {self.pct_start}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1) (AdamW's beta1, beta2), got {self.betas}")
+        for name in ("eps", "max_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"optim.{name} must be a finite number > 0, got {value}")
+
 
 @dataclass
 class LoraConfig:
@@ -65,6 +94,12 @@ class LoraConfig:
     enable: bool = False
     rank: int = 16
     scaling: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
+        if not math.isfinite(self.scaling):
+            raise ConfigError(f"lora.scaling must be finite, got {self.scaling}")
 
 
 @dataclass
@@ -87,7 +122,7 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     duration_sec: float = 10.0
     batch_size: int = 1
-    max_steps: int = 100
+    max_steps: int | None = None  # None: DEFAULT_MAX_STEPS, or with `stages` the sum of their steps
     stages: list[StageConfig] = field(default_factory=list)
     first_codebook_weight_multiplier: float = 100.0
     text_padding_weight: float = 0.5
@@ -101,22 +136,72 @@ class TrainConfig:
     keep_checkpoints: int = 2
     stop_after: int | None = None
     export_safetensors: bool = True
+    # a non-finite loss or gradient skips its step; this many in a row stop the run (last good checkpoint restored)
+    max_nonfinite_steps: int = 5
+    # keys that may differ from the checkpoint's config on resume (`ttt-speech finetune --allow-config-change`)
+    allow_config_change: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.parallel not in ("fsdp2", "none"):
             raise ConfigError(f"parallel: {self.parallel!r} is not supported; use 'fsdp2' (sharded, any number of "
                               "processes) or 'none' (one process). DeepSpeed/DDP are not offered: FSDP2 with DCP "
                               "checkpoints is the one tested path.")
-        for name in ("batch_size", "max_steps", "log_freq", "monitor_freq", "ckpt_freq", "keep_checkpoints"):
-            if getattr(self, name) < 1:
+        if not self.run_dir.strip():
+            raise ConfigError("run_dir is empty; name the folder that receives checkpoints, logs and the export")
+        for name in ("batch_size", "max_steps", "log_freq", "monitor_freq", "ckpt_freq", "keep_checkpoints",
+                     "stop_after", "max_nonfinite_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(s.steps < 1 or s.duration_sec <= 0 for s in self.stages):
-            raise ConfigError("every stage needs steps >= 1 and duration_sec > 0")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        for name in ("first_codebook_weight_multiplier", "text_padding_weight"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        for i, stage in enumerate(self.stage_list()):
+            where = f"stages[{i}]." if self.stages else ""
+            if stage.steps < 1:
+                raise ConfigError(f"{where}steps must be >= 1, got {stage.steps}")
+            if not (math.isfinite(stage.duration_sec) and round(stage.duration_sec * FRAME_RATE) >= 1):
+                raise ConfigError(f"{where}duration_sec must be at least one frame ({1 / FRAME_RATE} s), got "
+                                  f"{stage.duration_sec}")
+            if stage.lr is not None and not (math.isfinite(stage.lr) and stage.lr >= 0):
+                raise ConfigError(f"{where}lr must be a finite number >= 0, got {stage.lr}")
+            if stage.lr is not None and self.optim.lr == 0:
+                raise ConfigError(f"{where}lr: a stage's lr scales both groups by lr / optim.lr, which is undefined "
+                                  "with optim.lr = 0; set optim.lr to the base peak and the stage lr relative to it")
+        if self.stages and self.max_steps is not None and self.max_steps != self.total_steps:
+            raise ConfigError(f"max_steps={self.max_steps} with stages: the stages' steps ({self.total_steps} in all) "
+                              "set the run's length; drop max_steps or change the stages")
+        if self.ttt is not None:
+            self.ttt = check_ttt(self.ttt, [s.duration_sec for s in self.stage_list()])
 
     def stage_list(self) -> list[StageConfig]:
         """The curriculum; without `stages`, one stage of `max_steps` at `duration_sec`."""
-        return self.stages or [StageConfig(self.duration_sec, self.max_steps, None)]
+        steps = self.max_steps if self.max_steps is not None else DEFAULT_MAX_STEPS
+        return self.stages or [StageConfig(self.duration_sec, steps, None)]
 
     @property
     def total_steps(self) -> int:
         return sum(s.steps for s in self.stage_list())
+
+
+def check_ttt(ttt: Any, durations: list[float]) -> Any:
+    """Check the `ttt:` mapping against `MoshiTTTConfig`'s schema (types, unknown keys, its own checks) and for
+    nonsense; returns it with YAML's strings read as numbers (`lr: 1e-3`). Anything else than a mapping (a string
+    such as "from_checkpoint") is left to the code that reads it."""
+    if not isinstance(ttt, dict):
+        return ttt
+    from ttt_speech.integrations.moshi import MoshiTTTConfig
+
+    parsed = from_dict(MoshiTTTConfig, ttt, where="", prefix="ttt.")
+    if parsed.layers is not None and not parsed.layers:
+        raise ConfigError("ttt.layers is empty: no layer would get TTT; set `ttt: null` to train without TTT")
+    if not (math.isfinite(parsed.lr) and parsed.lr >= 0):
+        raise ConfigError(f"ttt.lr must be a finite number >= 0, got {parsed.lr}")
+    if parsed.kind == "inplace":
+        frames = min(round(d * FRAME_RATE) for d in durations)
+        if parsed.chunk_size > frames:
+            warnings.warn(f"ttt.chunk_size={parsed.chunk_size} frames is longer than a crop of {frames} frames: "
+                          "In-Place TTT updates its fast weights only after a complete chunk, so no update ever "
+                          "happens in training", stacklevel=3)
+    return {key: getattr(parsed, key) for key in ttt}

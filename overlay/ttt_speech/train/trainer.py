@@ -3,9 +3,13 @@ steps. Reads top to bottom; no callbacks."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -14,14 +18,23 @@ import torch
 from tqdm.auto import tqdm
 
 from ttt_speech.config import save_config
+from ttt_speech.errors import ConfigError, TrainingDiverged
 from ttt_speech.integrations import moshi as moshi_int
-from ttt_speech.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from ttt_speech.train.checkpoint import (
+    CheckpointError,
+    find_resume_checkpoint,
+    load_checkpoint,
+    nonfinite_parameters,
+    save_checkpoint,
+    saved_config,
+)
 from ttt_speech.train.config import TrainConfig
 from ttt_speech.train.data import FRAME_RATE, build_train_loader
 from ttt_speech.train.loss import moshi_loss
 from ttt_speech.train.model import apply_lora, build_model, merge_lora, parameter_groups, ttt_trainable_names
 from ttt_speech.train.monitor import Monitor
 from ttt_speech.train.parallel import all_mean, any_rank, barrier, init_distributed, parallelize
+from ttt_speech.train.resume import check_resume_config, truncate_log
 from ttt_speech.train.schedule import Schedule
 
 METRICS = ["step", "stage", "loss", "text_loss", "audio_loss", "lr", "grad_norm", "tokens_per_s"]
@@ -29,17 +42,94 @@ _stop_requested = False
 
 
 def request_stop(*_: Any) -> None:
-    """Finish the current step, save a checkpoint and return (SIGTERM / SIGUSR1 on SLURM)."""
+    """Finish the current step, save a checkpoint and return (SIGTERM / SIGUSR1 on SLURM, a first Ctrl-C)."""
     global _stop_requested
     _stop_requested = True
+
+
+def interrupt(*_: Any) -> None:
+    """Ctrl-C: the first stops like SIGTERM (save at the end of the step); a second aborts at once."""
+    if _stop_requested:
+        raise KeyboardInterrupt
+    request_stop()
+    print("\nstopping at the end of this step and saving a checkpoint; Ctrl-C again aborts", file=sys.stderr,
+          flush=True)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM, SIGUSR1 and a first Ctrl-C stop at the end of the step with a checkpoint; the previous handlers
+    come back afterwards. Only the main thread can set handlers (submitit's debug executor may run elsewhere)."""
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in ((signal.SIGTERM, request_stop), (signal.SIGUSR1, request_stop),
+                             (signal.SIGINT, interrupt)):
+            handlers[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def find_resume(run_dir: Path, cfg: TrainConfig, rank: int) -> Path | None:
+    """The checkpoint to resume from: the newest that verifies (damaged newer ones are set aside with a warning),
+    refused when its config differs from `cfg` (see `ttt_speech.train.resume`)."""
+    path, skipped = find_resume_checkpoint(run_dir)
+    for bad, reason in skipped:
+        if rank == 0:
+            print(f"warning: skipping damaged checkpoint {bad} ({reason}); renamed to {bad.name}.damaged",
+                  file=sys.stderr, flush=True)
+    barrier()
+    if rank == 0:
+        for bad, _ in skipped:
+            bad.rename(bad.with_name(bad.name + ".damaged"))
+    if path is None:
+        return None
+    saved = saved_config(path)
+    if saved is None and (run_dir / "config.yaml").is_file():  # checkpoints written before configs were saved
+        saved = saved_config(run_dir)
+    for change in check_resume_config(saved, cfg, path):
+        if rank == 0:
+            print(f"note: resuming with {change} (allowed by --allow-config-change)", file=sys.stderr, flush=True)
+    return path
+
+
+def continue_logs(run_dir: Path, resumed_from: int | None) -> None:
+    """metrics.csv and ttt_stats.csv hold each step once: a fresh run starts them empty, a resume drops the rows of
+    the steps it redoes (written after the checkpoint it resumes from, before a kill)."""
+    if resumed_from is None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with (run_dir / "metrics.csv").open("w", newline="") as f:
+            csv.writer(f).writerow(METRICS)
+        truncate_log(run_dir / "ttt_stats.csv", lambda row: False)
+        return
+    truncate_log(run_dir / "metrics.csv", lambda row: int(row["step"]) <= resumed_from)  # steps counted from 1
+    truncate_log(run_dir / "ttt_stats.csv", lambda row: int(row["step"]) < resumed_from)  # steps counted from 0
+
+
+def diverged(reason: str, run_dir: Path, model, optimizer, schedule, rank: int) -> TrainingDiverged:
+    """Restore the last good checkpoint into `model` and return the error to raise."""
+    path, _ = find_resume_checkpoint(run_dir)
+    if path is None:
+        where = "no checkpoint was saved before it; nothing to restore"
+    else:
+        load_checkpoint(path, model, optimizer, schedule, rank, verify=False)
+        where = f"restored the last good checkpoint {path}; a resume continues from it"
+    return TrainingDiverged(f"{run_dir}: {reason}; run stopped, {where}. Lower optim.lr / optim.ttt_lr, or bound "
+                            "the fast weights (ttt.clip_tau)")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     global _stop_requested
     _stop_requested = False
     rank, world, device = init_distributed()
+    if world > 1 and cfg.parallel == "none":
+        raise ConfigError(f"parallel: none with {world} processes: nothing would synchronise their gradients; use "
+                          "parallel: fsdp2, or one process")
     run_dir = Path(cfg.run_dir)
-    if rank == 0:
+    resume_path = find_resume(run_dir, cfg, rank)
+    if rank == 0:  # only once the resume checks passed
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
 
@@ -55,73 +145,90 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")
 
     step, resumed_from, stage_idx, loader = 0, None, -1, None
-    checkpoints = list_checkpoints(run_dir)
-    if checkpoints:
-        train_state, rank_state = load_checkpoint(checkpoints[-1], model, optimizer, schedule, rank)
+    if resume_path is not None:
+        train_state, rank_state = load_checkpoint(resume_path, model, optimizer, schedule, rank, verify=False)
         if train_state["world_size"] != world:
-            raise CheckpointError(f"{checkpoints[-1]}: saved by {train_state['world_size']} processes, this run has "
+            raise CheckpointError(f"{resume_path}: saved by {train_state['world_size']} processes, this run has "
                                   f"{world}; the data position is per process, so resume with the same count")
         step = resumed_from = int(train_state["step"])
         stage_idx = rank_state["stage"]
         loader = build_train_loader(cfg, stages[stage_idx].duration_sec, lm_kwargs, rank, world, str(device))
         loader.load_state_dict(rank_state["loader"])
+    if rank == 0:
+        continue_logs(run_dir, resumed_from)
     monitor = Monitor(model, run_dir / "ttt_stats.csv" if rank == 0 else None)
-    if rank == 0 and resumed_from is None:
-        with (run_dir / "metrics.csv").open("w", newline="") as f:
-            csv.writer(f).writerow(METRICS)
-    if cfg.stop_after is None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
-
     total = cfg.total_steps
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="finetune", unit="step")
     losses: list[float] = []
-    while step < total:
-        i, _ = schedule.stage_at(step)
-        if i != stage_idx:  # a new curriculum stage: crops of its duration, data from its start
-            stage_idx = i
-            loader = build_train_loader(cfg, stages[i].duration_sec, lm_kwargs, rank, world, str(device))
-        codes = next(loader).to(device)
-        lr = schedule.apply(optimizer, step)
-        if rank == 0 and step % cfg.monitor_freq == 0:
-            monitor.arm()
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(codes)
-            loss, parts = moshi_loss(out, codes, text_padding_id=model.existing_text_padding_id,
-                                     first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier,
-                                     text_padding_weight=cfg.text_padding_weight)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        logged = all_mean(torch.stack([loss.detach(), parts["text"], parts["audio"]]).float()).cpu()
-        if not torch.isfinite(logged[0]):
-            bar.write(f"warning: step {step}: non-finite loss {logged[0].item()}; check lr, ttt.lr, ttt.clip_tau")
-        losses.append(logged[0].item())
-        tok_s = world * codes.shape[0] * codes.shape[-1] / (time.perf_counter() - t0)
-        if rank == 0:
-            monitor.collect(step - 1)
-            if step % cfg.log_freq == 0 or step == total:
-                with (run_dir / "metrics.csv").open("a", newline="") as f:
-                    csv.writer(f).writerow([step, stage_idx, *[f"{v:.6f}" for v in logged.tolist()], f"{lr:.3e}",
-                                            f"{grad_norm.item():.4f}", f"{tok_s:.0f}"])
-            bar.set_postfix(loss=f"{logged[0].item():.3f}", tok_s=f"{tok_s:.0f}")
-            bar.update(1)
-        stopping = any_rank(_stop_requested, device) or step == cfg.stop_after  # signals reach ranks at different times
-        if step % cfg.ckpt_freq == 0 or step == total or stopping:
-            save_checkpoint(run_dir, step, model, optimizer, schedule, {"step": step, "world_size": world},
-                            {"stage": stage_idx, "loader": loader.state_dict()}, rank, cfg.keep_checkpoints)
-        if stopping and step < total:
-            bar.close()
-            return {"status": "stopped", "steps": step, "resumed_from_step": resumed_from, "losses": losses}
+    bad_streak, skipped = 0, 0
+    with stop_signals():
+        while step < total:
+            i, _ = schedule.stage_at(step)
+            if i != stage_idx:  # a new curriculum stage: crops of its duration, data from its start
+                stage_idx = i
+                loader = build_train_loader(cfg, stages[i].duration_sec, lm_kwargs, rank, world, str(device))
+            codes = next(loader).to(device)
+            lr = schedule.apply(optimizer, step)
+            if rank == 0 and step % cfg.monitor_freq == 0:
+                monitor.arm()
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                out = model(codes)
+                loss, parts = moshi_loss(out, codes, text_padding_id=model.existing_text_padding_id,
+                                         first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier,
+                                         text_padding_weight=cfg.text_padding_weight)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            logged = all_mean(torch.stack([loss.detach(), parts["text"], parts["audio"]]).float()).cpu()
+            if math.isfinite(logged[0].item()) and math.isfinite(grad_norm.item()):  # the same on every rank
+                optimizer.step()
+                bad_streak = 0
+            else:  # skipped: the weights stay those of the last finite step
+                bad_streak, skipped = bad_streak + 1, skipped + 1
+                if rank == 0:
+                    bar.write(f"warning: step {step + 1}: non-finite loss {logged[0].item()} or gradient norm "
+                              f"{grad_norm.item()}; step skipped ({bad_streak} in a row, the run stops at "
+                              f"{cfg.max_nonfinite_steps})")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if bad_streak >= cfg.max_nonfinite_steps:
+                bar.close()
+                raise diverged(f"loss or gradients non-finite for {bad_streak} steps in a row (steps "
+                               f"{step - bad_streak + 1}-{step})", run_dir, model, optimizer, schedule, rank)
+            losses.append(logged[0].item())
+            tok_s = world * codes.shape[0] * codes.shape[-1] / (time.perf_counter() - t0)
+            if rank == 0:
+                monitor.collect(step - 1)
+                if step % cfg.log_freq == 0 or step == total:
+                    with (run_dir / "metrics.csv").open("a", newline="") as f:
+                        csv.writer(f).writerow([step, stage_idx, *[f"{v:.6f}" for v in logged.tolist()], f"{lr:.3e}",
+                                                f"{grad_norm.item():.4f}", f"{tok_s:.0f}"])
+                bar.set_postfix(loss=f"{logged[0].item():.3f}", tok_s=f"{tok_s:.0f}")
+                bar.update(1)
+            # signals reach ranks at different times
+            stopping = any_rank(_stop_requested, device) or step == cfg.stop_after
+            periodic = step % cfg.ckpt_freq == 0 and bad_streak == 0  # not mid-streak: keep the last good ones
+            if periodic or step == total or stopping:
+                try:
+                    save_checkpoint(run_dir, step, model, optimizer, schedule, {"step": step, "world_size": world},
+                                    {"stage": stage_idx, "loader": loader.state_dict()}, rank, cfg.keep_checkpoints,
+                                    config=cfg)
+                except CheckpointError as e:
+                    if "non-finite weights" not in str(e):
+                        raise
+                    bar.close()
+                    raise diverged(f"the weights are non-finite after step {step}", run_dir, model, optimizer,
+                                   schedule, rank) from e
+            if stopping and step < total:
+                bar.close()
+                return {"status": "stopped", "steps": step, "resumed_from_step": resumed_from, "losses": losses,
+                        "skipped_steps": skipped}
     bar.close()
     exported = export_consolidated(model, cfg, lm_kwargs, run_dir / "export", rank) if cfg.export_safetensors else None
     return {"status": "done", "steps": step, "resumed_from_step": resumed_from, "losses": losses,
-            "export": str(exported) if exported else None, "frames_per_sample": int(round(cfg.duration_sec *
-                                                                                         FRAME_RATE))}
+            "export": str(exported) if exported else None, "skipped_steps": skipped,
+            "frames_per_sample": int(round(cfg.duration_sec * FRAME_RATE))}
 
 
 def export_consolidated(model, cfg: TrainConfig, lm_kwargs: dict[str, Any], out_dir: Path, rank: int) -> Path | None:
@@ -130,6 +237,9 @@ def export_consolidated(model, cfg: TrainConfig, lm_kwargs: dict[str, Any], out_
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    bad = nonfinite_parameters(model)
+    if bad:  # the checkpoint at the last step was refused already; this guards direct callers
+        raise CheckpointError(f"{out_dir}: not exporting non-finite weights ({', '.join(bad[:5])})")
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         if cfg.lora.enable:
