@@ -67,6 +67,9 @@ class LlamaTTTConfig:
         ttt_use_gate: the TTT layer's own output gate `gelu(g_proj(x))` (not the residual gate).
         ttt_share_qk: q and k from one projection through two causal convs.
         ttt_rope_theta: RoPE base of the TTT layers (positions restart every mini-batch).
+        ttt_pre_conv, ttt_conv_kernel, ttt_qk_norm, ttt_conv_size, ttt_use_rope, ttt_eta_schedule, ttt_centre: the
+            TTT layer's input options, `TTTConfig`'s fields of the same names without `ttt_` (docs/ttt.md,
+            "Options"); the defaults are the reference's.
         ttt_gate_init: initial `ttt_gate` (gated_residual); tanh(0.1) ~ 0.1 keeps the model near the pretrained one.
         ttt_initializer_range: std of the TTT projections at init; None means the model's `initializer_range`.
         ttt_check_finite: the TTT layers raise on NaN/inf input (one device sync per layer and call).
@@ -82,6 +85,13 @@ class LlamaTTTConfig:
     ttt_use_gate: bool = False
     ttt_share_qk: bool = False
     ttt_rope_theta: float = 10000.0
+    ttt_pre_conv: bool = False
+    ttt_conv_kernel: int = 4
+    ttt_qk_norm: str = "none"
+    ttt_conv_size: int = 0
+    ttt_use_rope: bool = True
+    ttt_eta_schedule: str = "mean"
+    ttt_centre: bool = False
     ttt_gate_init: float = 0.1
     ttt_initializer_range: float | None = None
     ttt_check_finite: bool = True
@@ -133,6 +143,13 @@ class LlamaTTTConfig:
             rope_theta=float(self.ttt_rope_theta),
             use_gate=self.ttt_use_gate,
             share_qk=self.ttt_share_qk,
+            pre_conv=self.ttt_pre_conv,
+            conv_kernel=self.ttt_conv_kernel,
+            qk_norm=self.ttt_qk_norm,
+            conv_size=self.ttt_conv_size,
+            use_rope=self.ttt_use_rope,
+            eta_schedule=self.ttt_eta_schedule,
+            centre=self.ttt_centre,
             initializer_range=float(
                 initializer_range if self.ttt_initializer_range is None else self.ttt_initializer_range
             ),
@@ -307,40 +324,14 @@ class TTTDynamicCache(DynamicCache):
         out._kv_slot, out._ttt_seen, out._seen_tokens = dict(first._kv_slot), dict(first._ttt_seen), first._seen_tokens
         out.key_cache = [torch.cat([s.key_cache[j] for s in splits]) for j in range(len(first.key_cache))]
         out.value_cache = [torch.cat([s.value_cache[j] for s in splits]) for j in range(len(first.value_cache))]
-        out.ttt_states = {i: _cat_states([s.ttt_states[i] for s in splits]) for i in first.ttt_states}
+        out.ttt_states = {i: TTTState.cat([s.ttt_states[i] for s in splits]) for i in first.ttt_states}
         return out
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: `kv` (attention layers) and `ttt` (fast weights, accumulators, positions, conv tails)."""
         kv = sum(t.numel() * t.element_size() for t in (*self.key_cache, *self.value_cache))
-        ttt = sum(t.numel() * t.element_size() for s in self.ttt_states.values() for t in _state_tensors(s))
+        ttt = sum(t.numel() * t.element_size() for s in self.ttt_states.values() for t in s.tensors())
         return {"kv": kv, "ttt": ttt}
-
-
-def _state_tensors(state: TTTState) -> list[Tensor]:
-    extra = [] if state.conv_tail is None else [state.conv_tail]
-    return [*state.params.values(), *state.grads.values(), state.position, *extra]
-
-
-def _cat_states(states: list[TTTState]) -> TTTState:
-    first = states[0]
-    return TTTState(
-        params={n: torch.cat([s.params[n] for s in states]) for n in first.params},
-        grads={n: torch.cat([s.grads[n] for s in states]) for n in first.grads},
-        position=torch.cat([s.position for s in states]),
-        conv_tail=None if first.conv_tail is None else torch.cat([s.conv_tail for s in states]),
-    )
-
-
-def _put_rows(state: TTTState, rows: Tensor, part: TTTState) -> TTTState:
-    """`state` with rows `rows` (of shape [b], int64, CPU) replaced by the rows of `part` (batch b)."""
-    dev_rows = rows.to(next(iter(state.params.values())).device)
-    return TTTState(
-        params={n: t.index_copy(0, dev_rows, part.params[n]) for n, t in state.params.items()},
-        grads={n: t.index_copy(0, dev_rows, part.grads[n]) for n, t in state.grads.items()},
-        position=state.position.index_copy(0, rows, part.position),
-        conv_tail=None if state.conv_tail is None else state.conv_tail.index_copy(0, dev_rows, part.conv_tail),
-    )
 
 
 def _valid_tokens(attention_mask: Tensor | None, cache_position: Tensor | None, B: int, T: int) -> Tensor | None:
@@ -385,7 +376,7 @@ def _masked_ttt(ttt: TTTBase, x: Tensor, state: TTTState | None, valid: Tensor |
         r_dev, c_dev = r_idx.to(x.device), c_idx.to(x.device)
         y, part = ttt(x.index_select(0, r_dev).index_select(1, c_dev), state.index_select(r_idx))
         pieces.append((r_dev, c_dev, y))
-        state = _put_rows(state, r_idx, part)
+        state = state.index_copy(r_idx, part)
     dtype = pieces[0][2].dtype if pieces else x.dtype
     out = x.new_zeros(B, T, C, dtype=dtype)
     for r_dev, c_dev, y in pieces:

@@ -24,7 +24,7 @@ from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 from torch import nn
 
-from ttt_speech.integrations.moshi_block import MoshiTTTBlock
+from ttt_speech.integrations.moshi_block import MoshiTTTBlock, check_block_options
 from ttt_speech.integrations.moshi_inplace import InPlaceTTTConfig, InPlaceTTTGating
 from ttt_speech.nn import TTTConfig
 
@@ -134,6 +134,8 @@ class MoshiTTTConfig:
         chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std: In-Place TTT, see `InPlaceTTTConfig`.
         ttt_layer_type, ttt_num_heads, ttt_mini_batch_size, ttt_base_lr, ttt_use_gate, ttt_share_qk: the block's
             TTT-Linear/MLP (see `ttt_speech.nn.TTTConfig`); `ttt_num_heads` None means the model's head count.
+        ttt_options: any other `TTTConfig` field of the block's TTT layer, by its `TTTConfig` name, e.g.
+            `{"qk_norm": "l2", "conv_size": 4, "centre": true, "pre_conv": true}` (docs/ttt.md, "Options").
         gate_init: the block's tanh gate alpha at init.
         ttt_context: attention context (frames) of the layers that host a block; None keeps the model's.
     """
@@ -154,6 +156,7 @@ class MoshiTTTConfig:
     ttt_base_lr: float = 1.0
     ttt_use_gate: bool = False
     ttt_share_qk: bool = False
+    ttt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     gate_init: float = 0.1
     ttt_context: int | None = None
 
@@ -163,6 +166,7 @@ class MoshiTTTConfig:
         if self.every < 1:
             raise ValueError(f"ttt.every must be >= 1, got {self.every}")
         self.inplace_config()  # validates its fields
+        check_block_options(self.ttt_options)
 
     def inplace_config(self) -> InPlaceTTTConfig:
         return InPlaceTTTConfig(chunk_size=self.chunk_size, lr=self.lr, conv=self.conv, conv_kernel=self.conv_kernel,
@@ -171,7 +175,7 @@ class MoshiTTTConfig:
     def block_config(self, dim: int, num_heads: int) -> TTTConfig:
         return TTTConfig(hidden_size=dim, num_heads=self.ttt_num_heads or num_heads, layer_type=self.ttt_layer_type,
                          mini_batch_size=self.ttt_mini_batch_size, ttt_base_lr=self.ttt_base_lr,
-                         use_gate=self.ttt_use_gate, share_qk=self.ttt_share_qk)
+                         use_gate=self.ttt_use_gate, share_qk=self.ttt_share_qk, **self.ttt_options)
 
     def layer_indices(self, num_layers: int) -> list[int]:
         layers = list(range(0, num_layers, self.every)) if self.layers is None else list(self.layers)

@@ -11,7 +11,8 @@ in one call, in pieces, or frame by frame through `LMGen` gives the same outputs
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from moshi.modules.streaming import State, StreamingModule
@@ -20,6 +21,28 @@ from torch import nn
 
 from ttt_speech.nn import TTTConfig, TTTState, build_ttt_layer
 from ttt_speech.nn.stats import fast_weight_stats
+
+# TTTConfig fields that MoshiTTTConfig sets itself (its ttt_* fields, and the model's width)
+_OWN_FIELDS = {"hidden_size": "the model's dim", "num_heads": "ttt_num_heads", "layer_type": "ttt_layer_type",
+               "mini_batch_size": "ttt_mini_batch_size", "ttt_base_lr": "ttt_base_lr", "use_gate": "ttt_use_gate",
+               "share_qk": "ttt_share_qk"}
+
+
+def check_block_options(options: dict[str, Any], where: str = "ttt.ttt_options") -> None:
+    """Validate `MoshiTTTConfig.ttt_options`: `TTTConfig` field names (not those MoshiTTTConfig sets through its
+    `ttt_*` fields) with values of the right type; raises ValueError naming the key."""
+    if not isinstance(options, dict):
+        raise ValueError(f"{where} must be a mapping of TTTConfig fields, got {options!r}")
+    known = sorted(f.name for f in fields(TTTConfig) if f.name not in _OWN_FIELDS)
+    for key in options:
+        if key in _OWN_FIELDS:
+            raise ValueError(f"{where}.{key}: set it with {_OWN_FIELDS[key]}, not in ttt_options")
+        if key not in known:
+            raise ValueError(f"{where}: unknown TTTConfig field {key!r}; known: {', '.join(known)}")
+    try:
+        TTTConfig(hidden_size=2, num_heads=1, **options)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from e
 
 
 @dataclass
@@ -103,19 +126,6 @@ class MoshiTTTBlock(StreamingModule[TTTBlockState]):
                 old = state.ttt
                 out, new = self.ttt(y.to(x.dtype), old)
                 keep = state.exec_mask  # rows masked out by moshi's exec_mask keep their state
-                state.ttt = new if bool(keep.all()) else _select_rows(keep, new, old)
+                state.ttt = new if bool(keep.all()) else new.where(keep, old)
         return x + torch.tanh(self.gate_alpha).to(out.dtype) * out
 
-
-def _select_rows(mask: torch.Tensor, new: TTTState, old: TTTState) -> TTTState:
-    """Rows of `new` where mask, else of `old`."""
-    B = mask.shape[0]
-
-    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        m = mask.to(a.device).view(B, *[1] * (a.dim() - 1))
-        return torch.where(m, a, b)
-
-    return TTTState(params={n: pick(t, old.params[n]) for n, t in new.params.items()},
-                    grads={n: pick(t, old.grads[n]) for n, t in new.grads.items()},
-                    position=torch.where(mask.cpu(), new.position, old.position),
-                    conv_tail=None if new.conv_tail is None else pick(new.conv_tail, old.conv_tail))

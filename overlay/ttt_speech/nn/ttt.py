@@ -8,7 +8,8 @@ parameters ``W1, b1 (, W2, b2)`` are only the learned initial state W0. Semantic
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,8 @@ from ..ops.ttt import (
 LAYER_TYPES = ("linear", "mlp")
 SCAN_MODES = ("dual", "primal")
 DECODE_MODES = ("anchored", "online")
+QK_NORMS = ("none", "l2")
+ETA_SCHEDULES = ("mean", "sum")
 
 
 @dataclass
@@ -41,9 +44,24 @@ class TTTConfig:
         use_gate: multiply the output by ``gelu_tanh(g_proj(x))`` before ``o_proj``.
         share_qk: no ``k_proj``; ``q`` and ``k`` are two causal depthwise convs (``conv_q``, ``conv_k``) over
             ``q_proj(x)``, with their input tail kept in the state.
-        pre_conv: the reference's block-level conv before the layer. The layer does not apply it; a block builds
-            :class:`TTTPreConv` from this config when it is set.
+        pre_conv: the reference's block-level conv (:class:`TTTPreConv`: RMSNorm, causal depthwise conv), applied
+            by the layer to its own input as a residual, ``x + pre_conv(x)``, before everything else; its input
+            tail is kept in the state. Keys ``pre_conv.norm.weight``, ``pre_conv.conv.{weight,bias}`` (the
+            reference's block keys ``conv.*`` under ``pre_conv.``).
         conv_kernel: kernel size of ``conv_q`` / ``conv_k`` and of :class:`TTTPreConv`.
+        qk_norm: ``"none"`` (reference) or ``"l2"``: q and k divided by their L2 norm per head (DeltaNet / fla's
+            ``qk_norm='l2'``), after centring and before RoPE.
+        conv_size: 0 (off, reference) or the kernel of short causal depthwise convs ``q_conv``, ``k_conv``,
+            ``v_conv`` (no bias) on the q/k/v projections (DeltaNet / fla's ``conv_size``, 4). Initialised to the
+            identity (last tap 1), so the layer starts as without them; their input tail is kept in the state.
+            Not with ``share_qk`` (which has its own q/k convs).
+        use_rope: rotate q and k by their position in the mini-batch (reference). False: no RoPE in the layer.
+        eta_schedule: ``"mean"`` (reference): ``token_idx = 1 / (i + 1) + learnable_token_idx``, so each token
+            reads the running mean of the mini-batch's gradients and a commit steps by their mean; ``"sum"``:
+            ``token_idx = 1 + learnable_token_idx``, every gradient counts in full (the delta rule's step size).
+        centre: subtract from q, k and v their causal running mean per channel (the mean over every token of the
+            sequence so far, this one included; after the short convs), so that keys and targets ``v - k`` lose
+            their common component. The running sum and count are kept in the state.
         scan_mode: ``"dual"`` (fast, default) or ``"primal"`` (token by token, the reference) for multi-token calls.
         decode_mode: ``"anchored"`` (default; single-token calls equal the full forward) or ``"online"`` (explicit
             opt-in: a single-token call commits its update at once; a different function, see docs/ttt.md).
@@ -62,6 +80,11 @@ class TTTConfig:
     share_qk: bool = False
     pre_conv: bool = False
     conv_kernel: int = 4
+    qk_norm: str = "none"
+    conv_size: int = 0
+    use_rope: bool = True
+    eta_schedule: str = "mean"
+    centre: bool = False
     scan_mode: str = "dual"
     decode_mode: str = "anchored"
     initializer_range: float = 0.02
@@ -82,7 +105,13 @@ class TTTConfig:
                 f"TTTConfig.hidden_size ({self.hidden_size}) must be num_heads ({self.num_heads}) times an even "
                 "head_dim"
             )
-        for name, allowed in (("layer_type", LAYER_TYPES), ("scan_mode", SCAN_MODES), ("decode_mode", DECODE_MODES)):
+        if self.conv_size < 0:
+            raise ValueError(f"TTTConfig.conv_size must be 0 (off) or >= 1, got {self.conv_size}")
+        if self.conv_size and self.share_qk:
+            raise ValueError("TTTConfig.conv_size needs share_qk=False: share_qk already runs q and k through its own "
+                             "causal convs (conv_q, conv_k)")
+        for name, allowed in (("layer_type", LAYER_TYPES), ("scan_mode", SCAN_MODES), ("decode_mode", DECODE_MODES),
+                              ("qk_norm", QK_NORMS), ("eta_schedule", ETA_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"TTTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("ttt_base_lr", "initializer_range", "rms_norm_eps"):
@@ -111,37 +140,72 @@ class TTTState:
             ``[0, mini_batch_size)``. Per row, so that a reset row restarts at position 0.
         conv_tail: of shape [B, C, conv_kernel - 1], the last ``q_proj`` outputs feeding ``conv_q`` / ``conv_k``
             (``share_qk`` only, else None).
+        input_state: the state of the layer's optional input transforms, by name, batch first: ``"pre_conv"``
+            [B, C, conv_kernel - 1] (``pre_conv``: the last inputs of its conv), ``"qkv_conv"``
+            [B, 3C, conv_size - 1] (``conv_size``: the last q/k/v projections), ``"centre_sum"`` [B, 3C] and
+            ``"centre_count"`` [B, 1] (``centre``: running sum of q/k/v and number of tokens). Empty by default.
     """
 
     params: dict[str, Tensor]
     grads: dict[str, Tensor]
     position: Tensor
     conv_tail: Tensor | None = None
+    input_state: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
         return self.position.shape[0]
 
+    @staticmethod
+    def _combine(states: Sequence[TTTState], tensor_fn, position_fn) -> TTTState:
+        """A state whose every device tensor is ``tensor_fn([the same tensor of each state])`` and whose position
+        is ``position_fn([positions])``."""
+        first = states[0]
+        return TTTState(
+            params={n: tensor_fn([s.params[n] for s in states]) for n in first.params},
+            grads={n: tensor_fn([s.grads[n] for s in states]) for n in first.grads},
+            position=position_fn([s.position for s in states]),
+            conv_tail=None if first.conv_tail is None else tensor_fn([s.conv_tail for s in states]),
+            input_state={n: tensor_fn([s.input_state[n] for s in states]) for n in first.input_state},
+        )
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the state (e.g. to count its bytes)."""
+        extra = [] if self.conv_tail is None else [self.conv_tail]
+        return [*self.params.values(), *self.grads.values(), self.position, *extra, *self.input_state.values()]
+
     def detach(self) -> TTTState:
         """The same values cut from the autograd graph (e.g. between truncated-BPTT segments)."""
-        return replace(
-            self,
-            params={n: t.detach() for n, t in self.params.items()},
-            grads={n: t.detach() for n, t in self.grads.items()},
-            conv_tail=None if self.conv_tail is None else self.conv_tail.detach(),
-        )
+        return self._combine([self], lambda ts: ts[0].detach(), lambda ps: ps[0])
 
     def index_select(self, idx: Tensor) -> TTTState:
         """Rows ``idx`` (of shape [B'], int64) in that order, e.g. to reorder beams; the result owns its memory."""
         idx_dev = idx.to(next(iter(self.params.values())).device)
-        return TTTState(
-            params={n: t.index_select(0, idx_dev) for n, t in self.params.items()},
-            grads={n: t.index_select(0, idx_dev) for n, t in self.grads.items()},
-            position=self.position.index_select(0, idx.cpu()),
-            conv_tail=None if self.conv_tail is None else self.conv_tail.index_select(0, idx_dev),
-        )
+        return self._combine([self], lambda ts: ts[0].index_select(0, idx_dev),
+                             lambda ps: ps[0].index_select(0, idx.cpu()))
 
     reorder = index_select
+
+    def where(self, mask: Tensor, other: TTTState) -> TTTState:
+        """Rows of ``self`` where ``mask`` (of shape [B], bool) is True, else of ``other``."""
+        B = mask.shape[0]
+        m = mask.to(next(iter(self.params.values())).device)
+
+        def pick(ts: list[Tensor]) -> Tensor:
+            return torch.where(m.view(B, *[1] * (ts[0].dim() - 1)), ts[0], ts[1])
+
+        return self._combine([self, other], pick, lambda ps: torch.where(mask.cpu(), ps[0], ps[1]))
+
+    def index_copy(self, rows: Tensor, part: TTTState) -> TTTState:
+        """``self`` with rows ``rows`` (of shape [b], int64) replaced by the rows of ``part`` (batch b)."""
+        rows_dev = rows.to(next(iter(self.params.values())).device)
+        return self._combine([self, part], lambda ts: ts[0].index_copy(0, rows_dev, ts[1]),
+                             lambda ps: ps[0].index_copy(0, rows.cpu(), ps[1]))
+
+    @staticmethod
+    def cat(states: Sequence[TTTState]) -> TTTState:
+        """The rows of ``states`` one after the other."""
+        return TTTState._combine(states, torch.cat, torch.cat)
 
 
 class TTTBase(nn.Module):
@@ -178,6 +242,13 @@ class TTTBase(nn.Module):
         if config.share_qk:
             self.conv_q = nn.Conv1d(C, C, K, groups=C, bias=True, padding=K - 1)
             self.conv_k = nn.Conv1d(C, C, K, groups=C, bias=True, padding=K - 1)
+        if config.conv_size:
+            S = config.conv_size
+            self.q_conv = nn.Conv1d(C, C, S, groups=C, bias=False, padding=S - 1)
+            self.k_conv = nn.Conv1d(C, C, S, groups=C, bias=False, padding=S - 1)
+            self.v_conv = nn.Conv1d(C, C, S, groups=C, bias=False, padding=S - 1)
+        if config.pre_conv:
+            self.pre_conv = TTTPreConv(config)
         self.learnable_ttt_lr_weight = nn.Parameter(torch.empty(H, 1, C))
         self.learnable_ttt_lr_bias = nn.Parameter(torch.empty(H, 1))
         self.learnable_token_idx = nn.Parameter(torch.empty(b))
@@ -214,6 +285,11 @@ class TTTBase(nn.Module):
                 bound = 1.0 / math.sqrt(self.config.conv_kernel)
                 getattr(self, name).weight.uniform_(-bound, bound)
                 getattr(self, name).bias.uniform_(-bound, bound)
+        for name in ("q_conv", "k_conv", "v_conv"):
+            if hasattr(self, name):  # the identity: the layer starts as without the short convs
+                getattr(self, name).weight.zero_()[..., -1] = 1.0
+        if self.config.pre_conv:
+            self.pre_conv.reset_parameters()
         self.learnable_ttt_lr_weight.normal_(0.0, 0.02)
         self.learnable_ttt_lr_bias.zero_()
         self.learnable_token_idx.zero_()
@@ -229,7 +305,7 @@ class TTTBase(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> TTTState:
         """A fresh state: W0 cloned per row (float32, own storage, differentiable w.r.t. W0), zero accumulators,
-        position 0, zero conv tail."""
+        position 0, zero conv tails and running sums."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         device = torch.device(device) if device is not None else self.W1.device
@@ -242,6 +318,7 @@ class TTTBase(nn.Module):
             grads={n: torch.zeros(t.shape, dtype=torch.float32, device=device) for n, t in params.items()},
             position=torch.zeros(batch_size, dtype=torch.int64),
             conv_tail=self._zero_conv_tail(batch_size, device),
+            input_state={n: torch.zeros(shape, device=device) for n, shape in self._input_state_shapes(batch_size)},
         )
 
     def _zero_conv_tail(self, batch_size: int, device: torch.device) -> Tensor | None:
@@ -249,26 +326,27 @@ class TTTBase(nn.Module):
             return None
         return torch.zeros(batch_size, self.hidden_size, self.config.conv_kernel - 1, device=device)
 
+    def _input_state_shapes(self, batch_size: int) -> list[tuple[str, tuple[int, ...]]]:
+        """Names and shapes of ``TTTState.input_state`` for this config."""
+        B, C, cfg = batch_size, self.hidden_size, self.config
+        shapes = []
+        if cfg.pre_conv:
+            shapes.append(("pre_conv", (B, C, cfg.conv_kernel - 1)))
+        if cfg.conv_size:
+            shapes.append(("qkv_conv", (B, 3 * C, cfg.conv_size - 1)))
+        if cfg.centre:
+            shapes += [("centre_sum", (B, 3 * C)), ("centre_count", (B, 1))]
+        return shapes
+
     def reset_state(self, state: TTTState, mask: Tensor) -> TTTState:
         """Return ``state`` with the rows where ``mask`` (of shape [B], bool) is True back at W0, position 0,
-        zero accumulators and conv tail; the other rows are bit-identical."""
+        zero accumulators, conv tails and running sums; the other rows are bit-identical."""
         B = state.batch_size
         if mask.shape != (B,) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be [{B}] bool, got {list(mask.shape)} {mask.dtype}")
         device = next(iter(state.params.values())).device
         self._check_state(state, B, device)
-        fresh = self.init_state(B, device)
-        m = mask.to(device)
-
-        def pick(new: Tensor, old: Tensor) -> Tensor:
-            return torch.where(m.view(B, *[1] * (old.dim() - 1)), new, old)
-
-        return TTTState(
-            params={n: pick(fresh.params[n], t) for n, t in state.params.items()},
-            grads={n: pick(fresh.grads[n], t) for n, t in state.grads.items()},
-            position=torch.where(mask.cpu(), 0, state.position),
-            conv_tail=None if state.conv_tail is None else pick(fresh.conv_tail, state.conv_tail),
-        )
+        return self.init_state(B, device).where(mask, state)
 
     def forward(self, hidden_states: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
         """Run the layer on ``hidden_states`` (of shape [B, T, C]) from ``state`` (None: :meth:`init_state`).
@@ -287,10 +365,22 @@ class TTTBase(nn.Module):
         else:
             self._check_state(state, B, x.device)
 
+        input_state = dict(state.input_state)
+        if self.config.pre_conv:
+            y, input_state["pre_conv"] = self.pre_conv(x, state.input_state["pre_conv"])
+            x = x + y
         xq, xk, xv, conv_tail = self._qkv(x, state.conv_tail)
-        pos = (state.position.to(x.device)[:, None] + torch.arange(T, device=x.device)) % b  # [B, T]
-        xq, xk = self._rope(xq.view(B, T, H, D), pos), self._rope(xk.view(B, T, H, D), pos)
-        xv = xv.view(B, T, H, D)
+        if self.config.conv_size:
+            xq, xk, xv, input_state["qkv_conv"] = self._short_conv(xq, xk, xv, state.input_state["qkv_conv"])
+        if self.config.centre:
+            xq, xk, xv, input_state["centre_sum"], input_state["centre_count"] = self._centre(
+                xq, xk, xv, state.input_state["centre_sum"], state.input_state["centre_count"])
+        xq, xk, xv = xq.view(B, T, H, D), xk.view(B, T, H, D), xv.view(B, T, H, D)
+        if self.config.qk_norm == "l2":
+            xq, xk = _l2_norm(xq), _l2_norm(xk)
+        if self.config.use_rope:
+            pos = (state.position.to(x.device)[:, None] + torch.arange(T, device=x.device)) % b  # [B, T]
+            xq, xk = self._rope(xq, pos), self._rope(xk, pos)
         eta, token_idx = self._eta(x)
 
         chunk_op, recurrent_op = self._ops()
@@ -315,6 +405,7 @@ class TTTBase(nn.Module):
             grads={n: t.float() for n, t in zip(names, grads, strict=True)},
             position=(state.position + T) % b,
             conv_tail=conv_tail,
+            input_state=input_state,
         )
         return self.o_proj(o), new_state
 
@@ -327,6 +418,29 @@ class TTTBase(nn.Module):
         xk = F.conv1d(full, self.conv_k.weight, self.conv_k.bias, groups=self.hidden_size).mT
         tail = full[..., full.shape[-1] - conv_tail.shape[-1] :].float()
         return xq, xk, self.v_proj(x), tail
+
+    def _short_conv(self, xq: Tensor, xk: Tensor, xv: Tensor, tail: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``q_conv``, ``k_conv``, ``v_conv`` (causal, depthwise) over q, k, v of shape [B, T, C], continuing from
+        ``tail`` [B, 3C, conv_size - 1]; returns the convolved q, k, v and the new tail."""
+        C = self.hidden_size
+        x = torch.cat([xq, xk, xv], dim=-1).mT  # [B, 3C, T]
+        full = torch.cat([tail.to(x.dtype), x], dim=-1)  # [B, 3C, S - 1 + T]
+        w = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight], dim=0)  # [3C, 1, S]
+        y = F.conv1d(full, w.to(x.dtype), groups=3 * C).mT  # [B, T, 3C]
+        new_tail = full[..., full.shape[-1] - tail.shape[-1] :].float()
+        return y[..., :C], y[..., C : 2 * C], y[..., 2 * C :], new_tail
+
+    def _centre(self, xq: Tensor, xk: Tensor, xv: Tensor, total: Tensor,
+                count: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Subtract from q, k, v (of shape [B, T, C]) their running mean per channel over every token so far, this
+        one included, continuing from the running ``total`` [B, 3C] and ``count`` [B, 1] (float32)."""
+        C, T = self.hidden_size, xq.shape[1]
+        with torch.autocast(xq.device.type, enabled=False):
+            x = torch.cat([xq, xk, xv], dim=-1).float()  # [B, T, 3C]
+            sums = total[:, None, :] + x.cumsum(dim=1)
+            counts = count[:, None, :] + torch.arange(1, T + 1, device=x.device, dtype=torch.float32)[:, None]
+            y = (x - sums / counts).to(xq.dtype)
+        return y[..., :C], y[..., C : 2 * C], y[..., 2 * C :], sums[:, -1], counts[:, -1]
 
     def _rope(self, x: Tensor, pos: Tensor) -> Tensor:
         """Rotate the interleaved pairs ``(x[2i], x[2i + 1])`` of ``x`` [B, T, H, D] by ``pos`` [B, T] (fp32 angles;
@@ -341,13 +455,17 @@ class TTTBase(nn.Module):
 
     def _eta(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Per-token inner learning rate ``ttt_base_lr * sigmoid(x . w_h + b_h) / head_dim`` of shape [B, T, H]
-        and the clamped ``token_idx = 1 / (i + 1) + learnable_token_idx`` of shape [b], both float32."""
+        and the clamped ``token_idx = 1 / (i + 1) + learnable_token_idx`` (``eta_schedule="sum"``: ``1 +
+        learnable_token_idx``) of shape [b], both float32."""
         b = self.mini_batch_size
         with torch.autocast(x.device.type, enabled=False):
             w = self.learnable_ttt_lr_weight.float()[:, 0]  # [H, C]
             lr = torch.einsum("btc,hc->bth", x.float(), w) + self.learnable_ttt_lr_bias.float()[:, 0]
             eta = self.config.ttt_base_lr * torch.sigmoid(lr) / self.head_dim
-            base = 1.0 / torch.arange(1, b + 1, device=x.device, dtype=torch.float32)
+            if self.config.eta_schedule == "mean":
+                base = 1.0 / torch.arange(1, b + 1, device=x.device, dtype=torch.float32)
+            else:
+                base = torch.ones(b, device=x.device, dtype=torch.float32)
             token_idx = torch.clamp_min(base + self.learnable_token_idx.float(), 0.0)
         return eta, token_idx
 
@@ -382,6 +500,19 @@ class TTTBase(nn.Module):
             _check_tensor("state.conv_tail", state.conv_tail, tail_shape, torch.float32, device)
         elif state.conv_tail is not None:
             raise ValueError("state.conv_tail must be None without share_qk")
+        expected = dict(self._input_state_shapes(B))
+        if set(state.input_state) != set(expected):
+            raise ValueError(f"state.input_state must hold {sorted(expected)} for this config, got "
+                             f"{sorted(state.input_state)}")
+        for name, shape in expected.items():
+            _check_tensor(f"state.input_state[{name!r}]", state.input_state[name], shape, torch.float32, device)
+
+
+def _l2_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim, in float32 (autocast off), back in ``x.dtype``."""
+    with torch.autocast(x.device.type, enabled=False):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
