@@ -16,6 +16,7 @@ Pure numpy (no torch, no moshi), so benchmarks and tests can use it anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -112,14 +113,22 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[Hashable], n_b
     G = len(names)
     if G < min_clusters:
         return Estimate(mean, None, None, int(v.size), G)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, G, size=(n_boot, G))
-    counts = np.zeros((n_boot, G))
-    np.add.at(counts, (np.arange(n_boot)[:, None], draws), 1.0)  # [n_boot, G]: how often each cluster was drawn
+    counts = _draw_counts(G, n_boot, seed)  # [n_boot, G]: how often each cluster was drawn
     boot = (counts @ sums) / (counts @ sizes)
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
     return Estimate(mean, float(lo), float(hi), int(v.size), G)
+
+
+@functools.lru_cache(maxsize=64)
+def _draw_counts(n_clusters: int, n_boot: int, seed: int) -> np.ndarray:
+    """[n_boot, G] float: per replicate, how often each of G clusters is drawn in G draws with replacement.
+
+    Cached (read-only): a report makes hundreds of estimates over the same speakers."""
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_boot).astype(np.float64)
+    counts.flags.writeable = False
+    return counts
 
 
 def paired_differences(a: Sequence[float], b: Sequence[float]) -> np.ndarray:
