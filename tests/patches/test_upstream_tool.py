@@ -38,7 +38,7 @@ def root(tmp_path: Path) -> Path:
 
 def series(root: Path, name: str = "moshi") -> list[Path]:
     lines = (root / "patches" / name / "series").read_text().splitlines()
-    return [root / "patches" / name / ln for ln in lines if ln and not ln.startswith("#")]
+    return [root / "patches" / name / ln.split(" ")[0] for ln in lines if ln and not ln.startswith("#")]
 
 
 def test_apply_then_reapply_is_up_to_date(root: Path) -> None:
@@ -77,6 +77,7 @@ def test_check_applies_every_series_and_writes_nothing(root: Path) -> None:
 def test_check_rejects_a_patch_without_its_header(root: Path) -> None:
     patch = series(root)[0]
     patch.write_text(re.sub(r"^Forwarded: .*\n", "", patch.read_text(), flags=re.M))
+    record_hash(root, patch)
     proc = run_tool(root, "check", "moshi")
     assert proc.returncode == 1
     assert f"{patch.name}: trailer Forwarded: is missing" in proc.stderr
@@ -93,6 +94,7 @@ def test_a_hunk_that_no_longer_applies_leaves_the_checkout_pristine(root: Path) 
     context_line = text[last.end():].split("\n", 1)[0]
     assert context_line.startswith(" ")
     patch.write_text(text[:last.end()] + " this line is not in moshi" + text[last.end() + len(context_line):])
+    record_hash(root, patch)
     proc = run_tool(root, "apply", "moshi")
     assert proc.returncode == 1
     assert f"patch {patch.name} does not apply" in proc.stderr
@@ -107,6 +109,7 @@ def test_a_garbage_patch_is_named_and_nothing_is_applied(root: Path) -> None:
     text = patch.read_text()
     at = text.index("\n@@ ")
     patch.write_text(text[:at] + "\n@@ garbage @@\n%%%% not a diff\n" + text[at + 200:])
+    record_hash(root, patch)
     proc = run_tool(root, "apply", "moshi")
     assert proc.returncode == 1
     assert f"patch {patch.name} does not apply" in proc.stderr
@@ -174,8 +177,9 @@ def test_unexported_commits_are_refused_then_exported(root: Path) -> None:
 def test_a_changed_series_is_reapplied(root: Path) -> None:
     assert run_tool(root, "apply", "moshi").returncode == 0
     last = series(root)[-1]
-    lines = (root / "patches" / "moshi" / "series").read_text().replace(last.name + "\n", "")
-    (root / "patches" / "moshi" / "series").write_text(lines)
+    kept = [ln for ln in (root / "patches" / "moshi" / "series").read_text().splitlines(keepends=True)
+            if ln.split(" ")[0].strip() != last.name]
+    (root / "patches" / "moshi" / "series").write_text("".join(kept))
     last.unlink()
     proc = run_tool(root, "apply", "moshi")
     assert proc.returncode == 0, proc.stderr
@@ -196,3 +200,111 @@ def test_llama_omni_is_skipped_offline_with_a_reason(root: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     skipped = [ln for ln in proc.stdout.splitlines() if ln.startswith("llama-omni:")]
     assert len(skipped) == 1 and "skipped" in skipped[0] and "LLAMA_OMNI_SRC" in skipped[0]
+
+
+def record_hash(root: Path, patch: Path, name: str = "moshi") -> None:
+    """Rewrite the series line of `patch` with its current sha256, as an export would have (a series pulled from
+    elsewhere whose patch no longer applies)."""
+    import hashlib
+
+    series_file = root / "patches" / name / "series"
+    digest = hashlib.sha256(patch.read_bytes()).hexdigest()
+    lines = [f"{patch.name}  # sha256:{digest}" if ln.split(" ")[0] == patch.name else ln
+             for ln in series_file.read_text().splitlines()]
+    series_file.write_text("\n".join(lines) + "\n")
+
+
+def test_every_series_records_the_hash_of_each_patch() -> None:
+    for folder in sorted((REPO / "patches").iterdir()):
+        lines = [ln for ln in (folder / "series").read_text().splitlines() if ln and not ln.startswith("#")]
+        assert lines and all(re.search(r"  # sha256:[0-9a-f]{64}$", ln) for ln in lines), folder
+
+
+def test_a_hand_edited_patch_that_still_applies_is_refused(root: Path) -> None:
+    assert run_tool(root, "apply", "moshi").returncode == 0
+    repo = root / "upstream" / "moshi"
+    head = git(repo, "rev-parse", "HEAD")
+    patch = series(root)[0]
+    text = patch.read_text()
+    assert "+            self.layers[-1].layer_idx = layer_idx\n" in text
+    patch.write_text(text.replace("layer_idx = layer_idx\n", "layer_idx = layer_idx + 1\n"))
+    for command in ("check", "apply"):
+        proc = run_tool(root, command, "moshi")
+        assert proc.returncode == 1, proc.stdout
+        assert f"patches/moshi/{patch.name}: edited by hand" in proc.stderr
+        assert "git checkout -- patches/moshi" in proc.stderr
+    assert git(repo, "rev-parse", "HEAD") == head  # the checkout was not touched
+    patch.write_text(text)  # restored: all is well again
+    assert "up to date" in run_tool(root, "apply", "moshi").stdout
+    assert run_tool(root, "check", "moshi").returncode == 0
+
+
+def test_after_a_failed_apply_both_ways_out_work(root: Path) -> None:
+    """The issue's reproduction: a patch that does not apply (here recorded in the series, as a pulled series
+    would be), then the patch restored."""
+    assert run_tool(root, "apply", "moshi").returncode == 0
+    repo = root / "upstream" / "moshi"
+    patch = series(root)[2]
+    series_file = root / "patches" / "moshi" / "series"
+    good_patch, good_series = patch.read_text(), series_file.read_text()
+    lines = good_patch.splitlines(keepends=True)
+    assert "weights_per_step = weights_per_step" in lines[29]
+    patch.write_text("".join(lines[:29] + [lines[29].replace("= weights_per_step", "= None")] + lines[30:]))
+    record_hash(root, patch)
+    failed = run_tool(root, "apply", "moshi")
+    assert failed.returncode == 1 and f"patch {patch.name} does not apply" in failed.stderr
+    assert git(repo, "rev-parse", "HEAD") == git(repo, "rev-parse", "pristine")
+    # "keep them" must not delete the series: the checkout holds nothing to export
+    kept = run_tool(root, "export", "moshi")
+    assert kept.returncode == 1 and "would delete all" in kept.stderr
+    assert patch.read_text() != good_patch and len(series(root)) >= 4 and all(p.is_file() for p in series(root))
+    # restored: apply starts over (the checkout at pristine has no commits of anyone's)
+    patch.write_text(good_patch)
+    series_file.write_text(good_series)
+    again = run_tool(root, "apply", "moshi")
+    assert again.returncode == 0, again.stderr
+    assert git(repo, "rev-list", "--count", "pristine..HEAD").strip() == str(len(series(root)))
+    assert run_tool(root, "check", "moshi").returncode == 0
+
+
+def test_the_drop_them_advice_for_local_commits_works(root: Path) -> None:
+    assert run_tool(root, "apply", "moshi").returncode == 0
+    repo = root / "upstream" / "moshi"
+    target = repo / "moshi" / "modules" / "gating.py"
+    target.write_text(target.read_text() + "\n# an experiment\n")
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "wip"],
+                   check=True)
+    refused = run_tool(root, "apply", "moshi")
+    assert refused.returncode == 1
+    advice = re.search(r"drop them: `(git -C \S+ reset --hard pristine)`", refused.stderr)
+    assert advice
+    subprocess.run(advice.group(1).split(), cwd=root, check=True, capture_output=True)
+    again = run_tool(root, "apply", "moshi")
+    assert again.returncode == 0, again.stderr
+    assert git(repo, "rev-list", "--count", "pristine..HEAD").strip() == str(len(series(root)))
+
+
+def test_export_never_deletes_a_patch_without_replacement(root: Path) -> None:
+    assert run_tool(root, "apply", "moshi").returncode == 0
+    repo = root / "upstream" / "moshi"
+    before = [p.name for p in series(root)]
+    git(repo, "reset", "--quiet", "--hard", "HEAD~1")  # the last commit dropped (by accident?)
+    refused = run_tool(root, "export", "moshi")
+    assert refused.returncode == 1
+    assert f"would delete {before[-1]} with no replacement" in refused.stderr
+    assert [p.name for p in series(root)] == before and all(p.is_file() for p in series(root))
+    on_purpose = run_tool(root, "export", "moshi", "--allow-removal")
+    assert on_purpose.returncode == 0, on_purpose.stderr
+    assert [p.name for p in series(root)] == before[:-1]
+    assert run_tool(root, "check", "moshi").returncode == 0
+
+
+def test_export_from_a_checkout_behind_the_series_is_refused(root: Path) -> None:
+    assert run_tool(root, "apply", "moshi").returncode == 0
+    first = series(root)[0]
+    text = first.read_text()
+    first.write_text(text.replace("Last-Update: ", "Last-Update: 2099-01-01 was ", 1))
+    record_hash(root, first)  # a series changed elsewhere (git pull), not yet applied here
+    proc = run_tool(root, "export", "moshi")
+    assert proc.returncode == 1 and "exporting it would revert the series" in proc.stderr
+    assert "2099-01-01" in first.read_text()
