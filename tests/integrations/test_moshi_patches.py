@@ -58,13 +58,16 @@ class RecordingGating(nn.Module):
         super().__init__()
         self.inner = inner
         self.seen: list[torch.Tensor] = []
+        self.seen_input: list[torch.Tensor] = []
 
-    def forward(self, x: torch.Tensor, token_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_embeddings: torch.Tensor | None = None,
+                input_embeddings: torch.Tensor | None = None) -> torch.Tensor:
         self.seen.append(token_embeddings)
+        self.seen_input.append(input_embeddings)
         return self.inner(x)
 
 
-def test_text_embeddings_reach_gatings_that_ask_for_them() -> None:
+def test_text_and_input_embeddings_reach_gatings_that_ask_for_them() -> None:
     model = moshi_int.build_lm()
     main_layer = model.transformer.layers[1]
     main_layer.gating = RecordingGating(main_layer.gating)
@@ -80,6 +83,11 @@ def test_text_embeddings_reach_gatings_that_ask_for_them() -> None:
     initial = model._get_initial_token().expand(2, -1, -1)
     delayed = torch.cat([initial, _delay_sequence(model.delays, codes, initial)], dim=2)[:, :, :-1]
     torch.testing.assert_close(seen, model.text_emb(delayed[:, 0]), rtol=0, atol=0)
+    # 0005: the full per-frame input embedding, text plus every audio codebook, as forward_text sums it
+    (seen_input,) = main_layer.gating.seen_input
+    audio = sum(model.emb[k](delayed[:, k + model.audio_offset]) for k in range(model.num_audio_codebooks))
+    torch.testing.assert_close(seen_input, audio + model.text_emb(delayed[:, 0]), rtol=1e-6, atol=1e-6)
+    assert (seen_input - seen).abs().amax() > 0
     assert all(layer.gating is g for layer, g in zip(model.depformer.layers, plain_depformer_gatings, strict=True))
 
 

@@ -196,13 +196,14 @@ def test_gradients_reach_conv_and_target_from_init() -> None:
     assert gating.linear_out.weight.grad.abs().sum() > 0
 
 
-def test_token_embeddings_are_checked() -> None:
-    model = ttt_model()
+@pytest.mark.parametrize("target", ["input_embeddings", "token_embeddings"])
+def test_target_sources_are_checked(target: str) -> None:
+    model = ttt_model(target=target)
     gating = ttt_modules(model)[0]
     x = torch.randn(2, 5, model.dim)
-    with pytest.raises(ValueError, match=r"token_embeddings must be \[2, 5, 64\], got \[2, 4, 64\]"):
-        gating(x, token_embeddings=torch.randn(2, 4, model.dim))
-    with pytest.raises(ValueError, match="needs token_embeddings"):
+    with pytest.raises(ValueError, match=rf"{target} must be \[2, 5, 64\], got \[2, 4, 64\]"):
+        gating(x, **{target: torch.randn(2, 4, model.dim)})
+    with pytest.raises(ValueError, match=f"needs {target}"):
         gating(x)
 
 

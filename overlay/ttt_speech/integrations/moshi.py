@@ -1,12 +1,13 @@
 """Moshi: building models, installing TTT into them, saving and loading TTT checkpoints.
 
 The only module (with its siblings in `integrations/`) that imports moshi. The patch series in
-`patches/moshi/` opens three doors that the TTT code here uses:
+`patches/moshi/` opens the doors that the TTT code here uses:
 
 - `StreamingTransformerLayer.layer_idx`: each layer of a `StreamingTransformer` knows its index;
 - `StreamingTransformerLayer.ttt_block`: a module slot between self-attention and the FFN (`None`);
 - `token_embeddings`: `LMModel.forward_text` threads the text-token embeddings to the FFN gating of
-  every main-transformer layer whose gating sets `takes_token_embeddings = True`.
+  every main-transformer layer whose gating sets `takes_token_embeddings = True`;
+- `input_embeddings` (0005): likewise the full per-frame input embedding (text plus every audio codebook).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def check_patched() -> None:
         missing.append("0001 layer index (StreamingTransformer sets layer.layer_idx)")
     if "token_embeddings" not in layer_params or "token_embeddings=" not in forward_text_src:
         missing.append("0002 token_embeddings (LMModel.forward_text -> layer -> gating)")
+    if "input_embeddings" not in layer_params or "input_embeddings=" not in forward_text_src:
+        missing.append("0005 input_embeddings (LMModel.forward_text -> layer -> gating)")
     if "ttt_block" not in inspect.getsource(StreamingTransformerLayer.__init__):
         missing.append("0003 ttt_block slot (StreamingTransformerLayer.ttt_block)")
     if StreamingModule.__bases__[0] is not nn.Module:
@@ -120,6 +123,8 @@ def make_lm_gen(model: LMModel, **kwargs: Any) -> LMGen:
 TTT_CONFIG_FILE = "ttt_config.json"
 LM_CONFIG_FILE = "lm_config.json"
 WEIGHTS_FILE = "model.safetensors"
+TRAINING_FILE = "ttt_training.json"  # what the training saw: the longest crop, in frames and chunk updates
+FROM_CHECKPOINT = "from_checkpoint"  # `ttt: from_checkpoint`: take the TTT config of the checkpoint
 
 
 @dataclasses.dataclass
@@ -131,7 +136,8 @@ class MoshiTTTConfig:
             TTT-Linear/MLP block between attention and FFN).
         layers: main-transformer layer indices; None means every `every`-th layer from 0 (Moshi 7B: 0, 6, ..., 30).
         every: the stride used when `layers` is None.
-        chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std: In-Place TTT, see `InPlaceTTTConfig`.
+        chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std, decay, max_delta: In-Place TTT, see
+            `InPlaceTTTConfig` (target default "input_embeddings": the full per-frame input embedding).
         ttt_layer_type, ttt_num_heads, ttt_mini_batch_size, ttt_base_lr, ttt_use_gate, ttt_share_qk: the block's
             TTT-Linear/MLP (see `ttt_speech.nn.TTTConfig`); `ttt_num_heads` None means the model's head count.
         ttt_options: any other `TTTConfig` field of the block's TTT layer, by its `TTTConfig` name, e.g.
@@ -147,9 +153,11 @@ class MoshiTTTConfig:
     lr: float = 0.3
     conv: str = "centred"
     conv_kernel: int | None = None
-    target: str = "token_embeddings"
+    target: str = "input_embeddings"
     clip_tau: float | None = None
     target_init_std: float = 0.02
+    decay: float | None = None
+    max_delta: float | None = None
     ttt_layer_type: str = "linear"
     ttt_num_heads: int | None = None
     ttt_mini_batch_size: int = 16
@@ -170,7 +178,8 @@ class MoshiTTTConfig:
 
     def inplace_config(self) -> InPlaceTTTConfig:
         return InPlaceTTTConfig(chunk_size=self.chunk_size, lr=self.lr, conv=self.conv, conv_kernel=self.conv_kernel,
-                                target=self.target, clip_tau=self.clip_tau, target_init_std=self.target_init_std)
+                                target=self.target, clip_tau=self.clip_tau, target_init_std=self.target_init_std,
+                                decay=self.decay, max_delta=self.max_delta)
 
     def block_config(self, dim: int, num_heads: int) -> TTTConfig:
         return TTTConfig(hidden_size=dim, num_heads=self.ttt_num_heads or num_heads, layer_type=self.ttt_layer_type,
@@ -277,6 +286,70 @@ def save_ttt_checkpoint(model: LMModel, directory: str | Path, lm_kwargs: dict[s
     return directory
 
 
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def checkpoint_ttt_config(path: str | Path, required: bool = False) -> MoshiTTTConfig | None:
+    """The `ttt_config.json` beside a checkpoint (a folder, or a file in it); None if there is none (an error with
+    `required`)."""
+    file = _checkpoint_dir(path) / TTT_CONFIG_FILE
+    if not file.is_file():
+        if required:
+            raise FileNotFoundError(f"{file}: no TTT config beside the checkpoint {path}")
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    return MoshiTTTConfig.from_dict(data, where=str(file))
+
+
+def check_ttt_handoff(config: MoshiTTTConfig, path: str | Path) -> None:
+    """Stage hand-off: `config` must equal the `ttt_config.json` beside checkpoint `path` (when there is one); any
+    difference is a ValueError naming the differing keys and both values. A config that means to take the
+    checkpoint's says `ttt: from_checkpoint` instead."""
+    saved = checkpoint_ttt_config(path)
+    if saved is None:
+        return
+    mine, theirs = config.to_dict(), saved.to_dict()
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: config {mine.get(k)!r}, checkpoint {theirs.get(k)!r}" for k in diff)
+        raise ValueError(f"{_checkpoint_dir(path) / TTT_CONFIG_FILE}: the checkpoint's TTT config differs from the "
+                         f"given one in {', '.join(diff)} ({detail}). Restate the checkpoint's values, or use "
+                         f"`ttt: {FROM_CHECKPOINT}` to take them as they are")
+
+
+def training_record(path: str | Path | None) -> dict[str, Any] | None:
+    """The `ttt_training.json` beside a checkpoint (written by the trainer's export), or None."""
+    if not path:
+        return None
+    file = _checkpoint_dir(path) / TRAINING_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def write_training_record(directory: str | Path, config: MoshiTTTConfig, max_frames: int,
+                          previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record in `directory` the longest sequence training saw (frames, and the In-Place chunk updates whose result
+    reached the loss, (frames - 1) // chunk_size), kept at least at a `previous` stage's record."""
+    if previous:
+        max_frames = max(max_frames, int(previous.get("max_frames", 0)))
+    record = {"max_frames": max_frames, "chunk_size": config.chunk_size,
+              "trained_chunks": (max_frames - 1) // config.chunk_size}
+    Path(directory, TRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def set_trained_chunks(model: LMModel, trained_chunks: int | None) -> None:
+    """Arm the warning of an inference stream that runs past the chunk updates seen in training; one In-Place layer
+    (the first) carries it, so a stream warns once."""
+    inplace = [m for _, m in sorted(ttt_modules(model).items()) if isinstance(m, InPlaceTTTGating)]
+    for i, m in enumerate(inplace):
+        m.trained_chunks = trained_chunks if i == 0 else None
+
+
 def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kwargs: dict[str, Any] | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> LMModel:
     """A TTT Moshi from a safetensors checkpoint: ours (with TTT keys) or a base moshi one (without).
@@ -287,8 +360,9 @@ def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kw
 
     Args:
         weights: a `.safetensors` file, or a directory holding `model.safetensors`, `ttt_config.json` and
-            optionally `lm_config.json`.
-        config: the TTT config; default: `ttt_config.json` beside the weights.
+            optionally `lm_config.json` and `ttt_training.json`.
+        config: the TTT config; default: `ttt_config.json` beside the weights. When both exist they must be equal
+            (`check_ttt_handoff`): a TTT checkpoint is never silently loaded with another TTT setting.
         lm_kwargs: LMModel arguments; default: `lm_config.json` beside the weights, else moshi 7B's.
     """
     from moshi.models.loaders import get_moshi_lm
@@ -301,10 +375,11 @@ def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kw
     if not weights.is_file():
         raise FileNotFoundError(f"no checkpoint at {weights}")
     if config is None:
-        path = directory / TTT_CONFIG_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"no TTT config given and none beside the weights ({path})")
-        config = MoshiTTTConfig.from_dict(json.loads(path.read_text()), where=str(path))
+        if not (directory / TTT_CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"no TTT config given and none beside the weights ({directory / TTT_CONFIG_FILE})")
+        config = checkpoint_ttt_config(directory, required=True)
+    else:
+        check_ttt_handoff(config, directory)
     if lm_kwargs is None and (directory / LM_CONFIG_FILE).is_file():
         lm_kwargs = json.loads((directory / LM_CONFIG_FILE).read_text())
     model = get_moshi_lm(None, lm_kwargs=lm_kwargs, device="meta", dtype=dtype)
@@ -328,20 +403,33 @@ def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kw
             module.materialize(device)
         state.update({k: v for k, v in model.state_dict().items() if k in missing})
     model.load_state_dict(state, assign=True)
+    record = training_record(directory)
+    set_trained_chunks(model, record["trained_chunks"] if record and record.get("chunk_size") == config.chunk_size
+                       else None)
     return model
 
 
 def load_any_lm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                lm_kwargs: dict[str, Any] | None = None) -> LMModel:
+                lm_kwargs: dict[str, Any] | None = None,
+                ttt: MoshiTTTConfig | dict[str, Any] | str | None = None) -> LMModel:
     """A model for evaluation: a folder or file with `ttt_config.json` beside it loads with `load_ttt_lm`; otherwise
-    moshi's own `get_moshi_lm` (strict) with `lm_config.json` beside the weights, or `lm_kwargs`, or moshi 7B's."""
+    moshi's own `get_moshi_lm` (strict) with `lm_config.json` beside the weights, or `lm_kwargs`, or moshi 7B's.
+
+    `ttt`: the TTT config the caller expects (a `MoshiTTTConfig` or its dict). With a `ttt_config.json` beside the
+    weights, any difference is an error naming the keys (the stage hand-off check); without one, the base
+    checkpoint gets this TTT installed. None or "from_checkpoint": whatever the checkpoint carries."""
     from moshi.models.loaders import get_moshi_lm
 
     path = Path(path)
     directory = path if path.is_dir() else path.parent
     weights = path / WEIGHTS_FILE if path.is_dir() else path
-    if (directory / TTT_CONFIG_FILE).is_file():
-        return load_ttt_lm(weights, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
+    if isinstance(ttt, str) and ttt != FROM_CHECKPOINT:
+        raise ValueError(f"ttt must be a TTT config, None or {FROM_CHECKPOINT!r}, got {ttt!r}")
+    config = MoshiTTTConfig.from_dict(ttt, where="ttt") if isinstance(ttt, dict) else ttt
+    if config == FROM_CHECKPOINT:
+        config = None
+    if (directory / TTT_CONFIG_FILE).is_file() or config is not None:
+        return load_ttt_lm(weights, config, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
     if lm_kwargs is None and (directory / LM_CONFIG_FILE).is_file():
         lm_kwargs = json.loads((directory / LM_CONFIG_FILE).read_text())
     if not weights.is_file():

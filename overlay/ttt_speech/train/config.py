@@ -24,12 +24,21 @@ class ModelConfig:
             of LMModel arguments, or a mapping.
         checkpoint: safetensors to start from: a base moshi checkpoint (TTT keys missing, then initialised, W_down
             from `linear_out`) or one of ours. None: random init from `seed` (tiny runs only).
-        dtype: parameter dtype. On GPU, training also runs under bf16 autocast; fast weights stay float32.
+        dtype: parameter dtype: float32, the master weights (on GPU the compute runs in bf16 under autocast; fast
+            weights stay float32). "bfloat16" only with `optim.bf16_params: true`.
+        context: attention context (frames) of the main transformer, for training and, through the export's
+            `lm_config.json`, inference. None keeps `lm_kwargs`' (Moshi 7B: 3000). A window shorter than the crops
+            is what makes TTT carry information past it (the paper's SWA + TTT setting).
     """
 
     lm_kwargs: Any = "tiny"
     checkpoint: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
+    context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.context is not None and self.context < 1:
+            raise ConfigError(f"model.context must be >= 1 frame or None, got {self.context}")
 
 
 @dataclass
@@ -59,7 +68,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with a OneCycle schedule per stage. `ttt_lr` is the lr of the TTT parameters (None: `lr`)."""
+    """AdamW with a OneCycle schedule per stage. `ttt_lr` is the lr of the TTT parameters (None: `lr`).
+    `w_down_lr`: the group of In-Place W_down (the pretrained weight that is also W0): "base" (`lr`, as in a
+    base-model run, so base vs TTT compare cleanly) or "ttt" (`ttt_lr`). `bf16_params`: allow `model.dtype:
+    bfloat16` (parameters and optimizer state without an fp32 master copy)."""
 
     lr: float = 3e-4
     ttt_lr: float | None = None
@@ -68,6 +80,8 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     max_norm: float = 1.0
+    w_down_lr: Literal["base", "ttt"] = "base"
+    bf16_params: bool = False
 
     def __post_init__(self) -> None:
         for name in ("lr", "ttt_lr", "weight_decay"):
@@ -116,7 +130,7 @@ class StageConfig:
 class TrainConfig:
     run_dir: str
     model: ModelConfig = field(default_factory=ModelConfig)
-    ttt: dict[str, Any] | None = None
+    ttt: dict[str, Any] | Literal["from_checkpoint"] | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -174,6 +188,10 @@ class TrainConfig:
                               "set the run's length; drop max_steps or change the stages")
         if self.ttt is not None:
             self.ttt = check_ttt(self.ttt, [s.duration_sec for s in self.stage_list()])
+        if self.model.dtype != "float32" and not self.optim.bf16_params:
+            raise ConfigError(f"model.dtype: {self.model.dtype} trains bf16 parameters with no fp32 master copy, "
+                              "where most AdamW updates at lr ~1e-5 round away. Use model.dtype: float32 (on GPU the "
+                              "compute runs in bf16 under autocast), or set optim.bf16_params: true to accept it")
 
     def stage_list(self) -> list[StageConfig]:
         """The curriculum; without `stages`, one stage of `max_steps` at `duration_sec`."""

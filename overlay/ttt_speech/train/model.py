@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ttt_speech.config import ConfigError
 from ttt_speech.integrations import moshi as moshi_int
 from ttt_speech.train.config import LoraConfig, TrainConfig
 
@@ -32,11 +34,44 @@ def resolve_lm_kwargs(spec: Any) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """Base model (from `model.checkpoint`, or random from `seed`), then TTT (`cfg.ttt`). Returns (model, lm_kwargs)."""
-    lm_kwargs = resolve_lm_kwargs(cfg.model.lm_kwargs)
+def resolve_ttt_config(cfg: TrainConfig) -> moshi_int.MoshiTTTConfig | None:
+    """The run's TTT config: `ttt:` itself, or with `ttt: from_checkpoint` the `ttt_config.json` beside
+    `model.checkpoint` (the stage hand-off). A config that restates `ttt:` is checked against that file when the
+    model is loaded (`load_ttt_lm`)."""
+    if cfg.ttt is None:
+        return None
+    if cfg.ttt == moshi_int.FROM_CHECKPOINT:
+        if not cfg.model.checkpoint:
+            raise ConfigError("ttt: from_checkpoint needs model.checkpoint (a checkpoint with ttt_config.json)")
+        return moshi_int.checkpoint_ttt_config(cfg.model.checkpoint, required=True)
+    return moshi_int.MoshiTTTConfig.from_dict(cfg.ttt, where="ttt")
+
+
+def check_precision(cfg: TrainConfig) -> torch.dtype:
+    """The parameter dtype: float32 master weights (compute in bf16 runs through autocast). bf16 parameters only
+    with `optim.bf16_params: true`, and with a warning: AdamW's small updates round away in bf16."""
     dtype = DTYPES[cfg.model.dtype]
-    ttt_cfg = moshi_int.MoshiTTTConfig.from_dict(cfg.ttt, where="ttt") if cfg.ttt is not None else None
+    if dtype != torch.float32:
+        if not cfg.optim.bf16_params:
+            raise ConfigError(f"model.dtype: {cfg.model.dtype} trains bf16 parameters without an fp32 master copy, "
+                              "where most AdamW updates at lr ~1e-5 round away; use model.dtype: float32 (compute "
+                              "runs in bf16 under autocast on GPU), or set optim.bf16_params: true to accept it")
+        warnings.warn(f"model.dtype: {cfg.model.dtype} with optim.bf16_params: parameters and optimizer state are "
+                      "bf16; updates smaller than 1/256 of a weight are lost", stacklevel=2)
+    return dtype
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """Base model (from `model.checkpoint`, or random from `seed`), then TTT (`cfg.ttt`). Returns (model, lm_kwargs).
+
+    Parameters are float32 unless `optim.bf16_params` (see `check_precision`). `model.context` replaces the
+    main transformer's attention context; it is part of the returned lm_kwargs, so the export's `lm_config.json`
+    carries it to inference."""
+    lm_kwargs = resolve_lm_kwargs(cfg.model.lm_kwargs)
+    if cfg.model.context is not None:
+        lm_kwargs["context"] = cfg.model.context
+    dtype = check_precision(cfg)
+    ttt_cfg = resolve_ttt_config(cfg)
     if cfg.model.checkpoint:
         if ttt_cfg is not None:
             model = moshi_int.load_ttt_lm(cfg.model.checkpoint, ttt_cfg, lm_kwargs, device=device, dtype=dtype)
@@ -51,14 +86,16 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict
     return model.train(), lm_kwargs
 
 
+def w_down_names(model: nn.Module) -> set[str]:
+    """W_down (`linear_out.weight`, = W0) of the In-Place layers."""
+    return {f"transformer.layers.{idx}.gating.linear_out.weight" for idx, module in moshi_int.ttt_modules(model).items()
+            if hasattr(module, "linear_out") and hasattr(module, "ttt_conv")}
+
+
 def ttt_trainable_names(model: nn.Module) -> set[str]:
     """TTT parameters: what TTT added, plus W_down (= W0) of In-Place layers, which In-Place trains as the fast
-    weight's initial state."""
-    names = set(moshi_int.ttt_parameter_names(model))
-    for idx, module in moshi_int.ttt_modules(model).items():
-        if hasattr(module, "linear_out") and hasattr(module, "ttt_conv"):
-            names.add(f"transformer.layers.{idx}.gating.linear_out.weight")
-    return names
+    weight's initial state (fully, also under LoRA). Its lr group is `optim.w_down_lr`."""
+    return set(moshi_int.ttt_parameter_names(model)) | w_down_names(model)
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, keep_full: set[str]) -> list[str]:
@@ -100,7 +137,10 @@ def merge_lora(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torc
 
 
 def parameter_groups(model: nn.Module, cfg: TrainConfig, ttt_names: set[str]) -> list[dict[str, Any]]:
-    """Two groups, TTT and base, each with its own peak lr; no weight decay on 1-D parameters (norms, gates)."""
+    """Two groups, TTT and base, each with its own peak lr; no weight decay on 1-D parameters (norms, gates).
+    In-Place W_down goes with the base (`optim.w_down_lr: base`, a pretrained weight) or with TTT (`ttt`)."""
+    if cfg.optim.w_down_lr == "base":
+        ttt_names = ttt_names - w_down_names(model)
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

@@ -10,19 +10,27 @@ from pathlib import Path
 from ttt_speech.integrations.moshi import ttt_modules
 
 FIELDS = ["step", "layer", "kind", "w_mean", "w_std", "w_max_abs", "update_norm", "inner_loss", "eta_mean",
-          "eta_max", "gate"]
+          "eta_max", "gate", "update_top_share", "update_eff_rank", "update_probe"]
+DEGENERATE_SHARE = 0.95
 
 
 class Monitor:
     """Asks each TTT module to record statistics of its next forward, and appends them to `ttt_stats.csv`.
 
-    Warns when a statistic is not finite or when max |W| exceeds `explode` (default 1e3).
+    Warns when a statistic is not finite, when max |W| exceeds `explode` (default 1e3), and when an In-Place chunk
+    update is degenerate: more than `degenerate` (95%) of its energy in one direction (`update_top_share`), i.e. the
+    target has no content and the fast weight only sums activations. The first collection (training start) also
+    prints each layer's top-direction share and effective rank.
     """
 
-    def __init__(self, model, path: Path | None, explode: float = 1e3) -> None:
+    def __init__(self, model, path: Path | None, explode: float = 1e3, degenerate: float = DEGENERATE_SHARE,
+                 echo=print) -> None:
         self.modules = ttt_modules(model)
         self.path = path
         self.explode = explode
+        self.degenerate = degenerate
+        self.echo = echo
+        self.started = False
         if path is not None and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("w", newline="") as f:
@@ -48,7 +56,20 @@ class Monitor:
                 warnings.warn(f"step {step}: TTT layer {idx}: fast weights exploding (max |W| "
                               f"{row['w_max_abs']:.3g} > {self.explode:g}); lower ttt.lr or set ttt.clip_tau",
                               stacklevel=2)
+            if row.get("update_top_share", 0.0) > self.degenerate:
+                warnings.warn(f"step {step}: TTT layer {idx}: degenerate chunk update, "
+                              f"{row['update_top_share']:.1%} of its energy in one direction (effective rank "
+                              f"{row['update_eff_rank']:.2f}): the target has no content, and the fast weight only "
+                              "sums activations. Use ttt.target: input_embeddings (token_embeddings is all padding "
+                              "on untranscribed audio)", stacklevel=2)
             rows.append(row)
+        spectra = [r for r in rows if "update_top_share" in r]
+        if not self.started and spectra:
+            self.started = True
+            self.echo(f"TTT chunk updates at step {step}" + (" (probe, conv still zero)" if spectra[0].get(
+                "update_probe") else "") + ": " + "; ".join(
+                f"layer {r['layer']} top-direction share {r['update_top_share']:.1%}, effective rank "
+                f"{r['update_eff_rank']:.1f}" for r in spectra))
         if self.path is not None and rows:
             with self.path.open("a", newline="") as f:
                 w = csv.DictWriter(f, FIELDS)
@@ -92,7 +113,7 @@ def plot_monitor(run_dir: str | Path) -> list[Path]:
     if stats.is_file():
         srows = list(csv.DictReader(stats.open()))
         if srows:
-            keys = ["w_max_abs", "update_norm", "inner_loss", "eta_mean", "gate"]
+            keys = ["w_max_abs", "update_norm", "inner_loss", "eta_mean", "gate", "update_top_share"]
             keys = [k for k in keys if any(r[k] for r in srows)]
             fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
             for ax, key in zip(axes[0], keys, strict=True):

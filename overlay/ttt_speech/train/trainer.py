@@ -232,7 +232,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def export_consolidated(model, cfg: TrainConfig, lm_kwargs: dict[str, Any], out_dir: Path, rank: int) -> Path | None:
-    """A single safetensors file (LoRA merged) plus ttt_config.json and lm_config.json, which
+    """A single safetensors file (LoRA merged) plus ttt_config.json, lm_config.json (with `model.context`) and
+    ttt_training.json (the longest crop, in frames and chunk updates), which
     `ttt_speech.integrations.moshi.load_ttt_lm` (moshi's loader plus the TTT config) loads for inference."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -246,8 +247,12 @@ def export_consolidated(model, cfg: TrainConfig, lm_kwargs: dict[str, Any], out_
             state = merge_lora(state, cfg.lora.scaling)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / moshi_int.WEIGHTS_FILE))
-        if cfg.ttt is not None:
-            (out_dir / moshi_int.TTT_CONFIG_FILE).write_text(json.dumps(cfg.ttt, indent=2) + "\n")
+        ttt_config = getattr(model, "ttt_config", None)  # resolved: also for `ttt: from_checkpoint`
+        if ttt_config is not None:
+            (out_dir / moshi_int.TTT_CONFIG_FILE).write_text(json.dumps(ttt_config.to_dict(), indent=2) + "\n")
+            frames = max(round(s.duration_sec * FRAME_RATE) for s in cfg.stage_list())
+            previous = moshi_int.training_record(cfg.model.checkpoint)  # a stage 1 checkpoint's, kept if longer
+            moshi_int.write_training_record(out_dir, ttt_config, frames, previous)
         (out_dir / moshi_int.LM_CONFIG_FILE).write_text(json.dumps(lm_kwargs, indent=2) + "\n")
     barrier()
     return out_dir if rank == 0 else None
