@@ -16,10 +16,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; a known error (`ttt_speech.errors.TTTSpeechError`: config, data, checkpoint, divergence)
     prints one line and returns 2, unless `--debug` asks for the traceback."""
     os.environ.setdefault("NO_TORCH_COMPILE", "1")
-    debug = argv is not None and "--debug" in argv or argv is None and "--debug" in sys.argv[1:]
+    return run_command(_main, argv)
+
+
+def run_command(command, argv: list[str] | None) -> int:
+    """`command(argv)`, with known errors as one line and exit status 2, Ctrl-C as "aborted" and 130, warnings as
+    `warning: ...` lines; `--debug` anywhere in `argv` keeps the tracebacks."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _one_line_warning
     try:
-        return _main(argv)
+        return command(argv)
     except KeyboardInterrupt:
         if debug:
             raise
@@ -80,6 +86,38 @@ def _main(argv: list[str] | None) -> int:
     ll.add_argument("--max-frames", type=int)
     ll.add_argument("--device", default="cpu")
     ll.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ll.add_argument("--speakers", help="JSON {file: speaker} or the speakers.json of `data librilight` (default: "
+                    "<speaker>_<k> file names; other documents are their own cluster)")
+    ll.add_argument("--window", type=int, help="frames (default: the reference's attention context)")
+    ll.add_argument("--reference", help="checkpoint the others are paired with (default: base, else the first)")
+    ll.add_argument("--n-boot", type=int, default=10000, help="cluster-bootstrap replicates")
+
+    gen = ev.add_parser("generate", help="free-running LMGen for minutes: text/audio entropy and repetition over "
+                        "time, base vs TTT with the same seeds (JSON, CSV, PNG)")
+    gen.add_argument("--checkpoint", action="append", required=True, dest="checkpoints",
+                     help="NAME=PATH (repeatable): a run's export/ folder, or a moshi safetensors file")
+    gen.add_argument("--out", required=True)
+    length = gen.add_mutually_exclusive_group(required=True)
+    length.add_argument("--minutes", type=float)
+    length.add_argument("--frames", type=int)
+    gen.add_argument("--manifest", help="the prompt and user stream come from one recording of this manifest "
+                     "(default: no prompt, the user stream is Mimi's encoding of silence)")
+    gen.add_argument("--index", type=int, default=0, help="which recording of --manifest")
+    gen.add_argument("--prompt-frames", type=int, default=0, help="frames of the recording forced as the prompt")
+    gen.add_argument("--tokenizer")
+    gen.add_argument("--mimi", default="tiny-random")
+    gen.add_argument("--codes-dir")
+    gen.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    gen.add_argument("--batch-size", type=int, default=1, help="rows per seed (samples = seeds x rows)")
+    gen.add_argument("--window-sec", type=float, default=10.0)
+    gen.add_argument("--ngram", type=int, default=4)
+    gen.add_argument("--reference")
+    gen.add_argument("--temp", type=float, default=0.8)
+    gen.add_argument("--temp-text", type=float, default=0.7)
+    gen.add_argument("--top-k", type=int, default=250)
+    gen.add_argument("--top-k-text", type=int, default=25)
+    gen.add_argument("--device", default="cpu")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     lm = data.add_parser("librilight", help="long-form manifest: a speaker's chapters concatenated in order")
@@ -87,6 +125,10 @@ def _main(argv: list[str] | None) -> int:
     lm.add_argument("out_dir")
     lm.add_argument("--min-minutes", type=float, default=30.0)
     lm.add_argument("--max-files", type=int)
+    lm.add_argument("--holdout-speakers", metavar="N|LIST",
+                    help="hold out N speakers (drawn with --holdout-seed) or a comma-separated list (`1089,` for "
+                         "one): train.jsonl and heldout.jsonl instead of long.jsonl")
+    lm.add_argument("--holdout-seed", type=int, default=0)
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "finetune":
@@ -119,16 +161,32 @@ def _main(argv: list[str] | None) -> int:
         print(f"submitted job {job.job_id}; logs in {job.paths.folder}")
         if args.submitit != "slurm":
             print(job.result())
-    elif args.command == "eval":
+    elif args.command == "eval" and args.eval_command == "librilight":
         from ttt_speech.eval import librilight
 
         librilight.run(args.checkpoints, args.manifest, args.tokenizer, args.out, mimi=args.mimi,
                        codes_dir=args.codes_dir, mode=args.mode, step=args.step, bins=args.bins,
-                       max_frames=args.max_frames, device=args.device, dtype=args.dtype)
-    elif args.command == "data":
-        from ttt_speech.data.librilight import build_librilight_long
+                       max_frames=args.max_frames, device=args.device, dtype=args.dtype, speakers=args.speakers,
+                       window=args.window, reference=args.reference, n_boot=args.n_boot)
+    elif args.command == "eval" and args.eval_command == "generate":
+        from ttt_speech.eval import generate
 
-        print(f"wrote {build_librilight_long(args.root, args.out_dir, args.min_minutes, max_files=args.max_files)}")
+        frames = args.frames if args.frames is not None else int(round(args.minutes * 60 * generate.FRAME_RATE))
+        sampling = {"temp": args.temp, "temp_text": args.temp_text, "top_k": args.top_k, "top_k_text": args.top_k_text}
+        generate.run(args.checkpoints, args.out, frames, manifest=args.manifest, index=args.index,
+                     prompt_frames=args.prompt_frames, tokenizer=args.tokenizer, mimi=args.mimi,
+                     codes_dir=args.codes_dir, seeds=args.seeds, batch_size=args.batch_size,
+                     window_frames=max(1, int(round(args.window_sec * generate.FRAME_RATE))), ngram=args.ngram,
+                     reference=args.reference, sampling=sampling, device=args.device, dtype=args.dtype)
+        print(f"wrote {args.out}/generate.json, generate.csv, generate.png")
+    elif args.command == "data":
+        from ttt_speech.data.librilight import SPEAKERS_FILE, build_librilight_long, parse_holdout
+
+        holdout = parse_holdout(args.holdout_speakers) if args.holdout_speakers is not None else None
+        manifest = build_librilight_long(args.root, args.out_dir, args.min_minutes, max_files=args.max_files,
+                                         holdout_speakers=holdout, holdout_seed=args.holdout_seed)
+        extra_files = [manifest.parent / "heldout.jsonl"] if holdout is not None else []
+        print(f"wrote {', '.join(str(p) for p in [manifest, *extra_files, manifest.parent / SPEAKERS_FILE])}")
     elif args.command == "plot-monitor":
         from ttt_speech.train.monitor import plot_monitor
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ttt_speech.errors import ConfigError
 from ttt_speech.eval.stats import MIN_CLUSTERS, t_interval
 
 FRAME_RATE = 12.5
@@ -229,7 +230,7 @@ def plot_generate(report: dict, path: Path) -> Path:
     fig.suptitle(f"free-running generation: {n_samples} samples per checkpoint (seeds {report['seeds']} x "
                  f"{report['batch_size']} rows), windows of {report['window_frames'] / FRAME_RATE:g} s, {ci}; "
                  "grey: prompt", fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.92, hspace=0.35, wspace=0.25)  # tight_layout: slow
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -257,25 +258,25 @@ def run(checkpoints: list[str], out_dir: str, frames: int, manifest: str | None 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     named = parse_checkpoints(checkpoints)
     if reference is not None and reference not in dict(named):
-        raise ValueError(f"--reference {reference!r} is not among the checkpoints {[n for n, _ in named]}")
+        raise ConfigError(f"--reference {reference!r} is not among the checkpoints {[n for n, _ in named]}")
+    if manifest is None and prompt_frames:
+        raise ConfigError("--prompt-frames needs --manifest (the prompt is a recording's first frames)")
+    if manifest is not None and tokenizer is None:
+        raise ConfigError("--manifest needs --tokenizer (for the text stream of the prompt)")
     models = {name: (path, load_any_lm(path, device=device, dtype=torch_dtype)) for name, path in named}
     model = next(iter(models.values()))[1]
     n_user, dep_q = model.num_codebooks - model.dep_q - 1, model.dep_q
     if manifest is None:
-        if prompt_frames:
-            raise ValueError("--prompt-frames needs --manifest (the prompt is a recording's first frames)")
         user = silence_codes(mimi, n_user, min(frames + 2, 750), device)
         describe = {"prompt": None, "user_stream": f"silence encoded by Mimi ({mimi})"}
         prompt = None
     else:
-        if tokenizer is None:
-            raise ValueError("--manifest needs --tokenizer (for the text stream of the prompt)")
         docs = load_documents(manifest, tokenizer, mimi, codes_dir, device=device)
         if not 0 <= index < len(docs):
-            raise ValueError(f"{manifest}: --index {index} out of range: {len(docs)} recordings")
+            raise ConfigError(f"{manifest}: --index {index} out of range: {len(docs)} recordings")
         doc_id, stream = docs[index]
         if prompt_frames > min(frames, stream.shape[-1]):
-            raise ValueError(f"--prompt-frames {prompt_frames} exceeds the generation ({frames} frames) or "
+            raise ConfigError(f"--prompt-frames {prompt_frames} exceeds the generation ({frames} frames) or "
                              f"{doc_id} ({stream.shape[-1]} frames)")
         user = stream[1 + dep_q:1 + dep_q + n_user]
         prompt = stream[:1 + dep_q, :prompt_frames] if prompt_frames else None
