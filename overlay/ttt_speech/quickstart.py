@@ -92,8 +92,9 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
     report = librilight.run([f"base={base_dir / 'export'}", f"ttt={ttt_dir / 'export'}"],
                             str(SAMPLES / "audiobook.jsonl"), str(SAMPLES / "tokenizer.model"), str(out / "eval"),
                             codes_dir=str(codes["audiobook"]), step=eval_step, bins=[50, 100, 200, 400, 800, 1600],
-                            max_frames=eval_max_frames)
+                            max_frames=eval_max_frames, print_paired=False)
     plots.append(str(out / "eval" / "nll_vs_position.png"))
+    print(f"      {librilight.paired_line(report, 'ttt')}")  # one audiobook: a difference, not a CI
     print(f"[4/5] plots: {', '.join(plots)}")
 
     losses = _losses(ttt_dir)

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from ttt_speech.cli import main
 from ttt_speech.data.manifest import write_alignments, write_manifest
+from ttt_speech.eval.librilight import paired_line
 from ttt_speech.integrations.moshi import TINY_LM_KWARGS, MoshiTTTConfig, apply_ttt, build_lm, save_ttt_checkpoint
 
 SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
@@ -71,6 +72,8 @@ def test_eval_librilight_and_generate_end_to_end(tmp_path: Path, tokenizer: Path
     assert "paired difference ttt - base" in out and "95% CI" in out and "[" not in out.split("paired")[1]
     report = json.loads((tmp_path / "ll" / "report.json").read_text())
     assert report["checkpoints"]["ttt"]["paired"]["past_window"]["audio"]["n_speakers"] == 2
+    assert paired_line(report, "ttt").endswith("paired on 2 documents: text +0.000, audio +0.000 (no CI with 2 "
+                                               "speakers)")  # TTT at init (conv zero) computes what base does
 
     assert main(["eval", "generate", *checkpoints, "--frames", "24", "--window-sec", "0.8", "--manifest",
                  str(manifest), "--index", "1", "--prompt-frames", "5", "--tokenizer", str(tokenizer), "--seeds", "0",

@@ -22,6 +22,7 @@ from ttt_speech.eval.librilight import (
     estimates,
     evaluate,
     load_speakers,
+    paired_line,
     per_document,
     resolve_speakers,
 )
@@ -140,6 +141,9 @@ def test_report_follows_the_schema(tmp_path: Path) -> None:
     absolute = [on_disk["checkpoints"][n]["bins"][1]["streams"]["audio"]["mean"] for n in ("ttt", "base")]
     assert diff == pytest.approx(absolute[0] - absolute[1])
     assert on_disk["checkpoints"]["ttt"]["ttt"]["chunk_size"] == 4 and on_disk["checkpoints"]["base"]["ttt"] is None
+    line = paired_line(report, "ttt")
+    assert line.startswith("ttt - base past the window (frames >= 32), paired on 3 documents: text ")
+    assert line.endswith("(95% CI over speakers)") and line.count("[") == 2
     rows = list(csv.DictReader((tmp_path / "report.csv").open()))
     assert list(rows[0]) == CSV_COLUMNS
     # absolute: 3 bins + 4 statistics; paired: 3 bins + 3 statistics (no all-frames slope)

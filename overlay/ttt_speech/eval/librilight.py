@@ -397,7 +397,7 @@ def run(checkpoints: list[str], manifest: str, tokenizer: str, out_dir: str, mim
         codes_dir: str | None = None, mode: str = "streaming", step: int = 1, bins: list[int] | None = None,
         max_frames: int | None = None, device: str = "cpu", dtype: str = "float32",
         speakers: str | None = None, window: int | None = None, reference: str | None = None,
-        n_boot: int = DEFAULT_BOOTSTRAP, quiet: bool = False) -> dict:
+        n_boot: int = DEFAULT_BOOTSTRAP, print_paired: bool = True) -> dict:
     """`ttt-speech eval librilight`: checkpoints are `NAME=PATH` or `PATH` (named by its folder)."""
     from ttt_speech.integrations.moshi import load_any_lm
 
@@ -415,14 +415,31 @@ def run(checkpoints: list[str], manifest: str, tokenizer: str, out_dir: str, mim
     models = {name: (path, load_any_lm(path, device=device, dtype=torch_dtype)) for name, path in named}
     report = evaluate(models, docs, out_dir, mode=mode, step=step, bins=bins, device=device, speakers=speaker_map,
                       window=window, reference=reference, n_boot=n_boot)
-    if not quiet:
-        print_summary(report)
+    print_summary(report, paired=print_paired)
     return report
 
 
 def _fmt(est: dict, width: int = 9, sign: bool = False) -> str:
     m = est["mean"]
     return f"{'-':>{width}}" if m is None else f"{m:>{'+' if sign else ''}{width}.3f}"
+
+
+def paired_line(report: dict, name: str, streams: tuple[str, ...] = ("text", "audio")) -> str:
+    """One line: `name` minus the reference past the window, per stream, with the CI or why there is none."""
+    p = report["checkpoints"][name]["paired"]
+    parts = []
+    for stream in streams:
+        est = p["past_window"][stream]
+        if est["mean"] is None:
+            parts.append(f"{stream} no data")
+            continue
+        ci = est["ci95"]
+        parts.append(f"{stream} {est['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
+    est = p["past_window"][streams[-1]]
+    n_docs, n_spk = est["n_docs"], est["n_speakers"]
+    ci_note = "95% CI over speakers" if n_spk >= MIN_CLUSTERS else f"no CI with {n_spk} speaker{'s' * (n_spk != 1)}"
+    return (f"{name} - {p['reference']} past the window (frames >= {report['window']}), paired on {n_docs} "
+            f"document{'s' * (n_docs != 1)}: {', '.join(parts)} ({ci_note})")
 
 
 def _paired_row(stream: str, what: str, est: dict) -> str:
@@ -433,8 +450,8 @@ def _paired_row(stream: str, what: str, est: dict) -> str:
     return f"{stream:<6} {what:<16} {est['mean']:>+8.3f}  {tail:<18} {est['n_docs']:>5} {est['n_speakers']:>4}"
 
 
-def print_summary(report: dict, streams: tuple[str, ...] = ("text", "audio")) -> None:
-    """The absolute table (means), then each checkpoint's paired difference to the reference with its CI."""
+def print_summary(report: dict, streams: tuple[str, ...] = ("text", "audio"), paired: bool = True) -> None:
+    """The absolute table (means), then (`paired`) each checkpoint's paired difference to the reference."""
     W = report["window"]
     print(f"NLL by position: {report['n_documents']} documents, {report['n_speakers']} speakers; window {W} frames; "
           f"{_ci_label(report)}")
@@ -451,7 +468,7 @@ def print_summary(report: dict, streams: tuple[str, ...] = ("text", "audio")) ->
     print(f"  >={W}: mean past the window; contrast: that minus the mean over [{b0}, {b1}); "
           "slope: per log-frame, past the window; *slope-all: fitted from frame 0 (warm-up included)")
     for name, ck in report["checkpoints"].items():
-        if not ck["paired"]:
+        if not ck["paired"] or not paired:
             continue
         p = ck["paired"]
         print(f"paired difference {name} - {p['reference']}, per document on the same documents, then averaged "
