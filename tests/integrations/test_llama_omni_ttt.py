@@ -464,3 +464,95 @@ def test_ttt_key_mismatches_are_named() -> None:
         load_ttt_state_dict(model, {**ttt_state_dict(model), "model.speech_projector.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"missing TTT keys \[.*'model.layers.2.self_attn.ttt.b1'"):
         load_ttt_state_dict(model, {})
+
+
+# ---------------------------------------------------------------- TTT layer options, causality
+
+LAYER_OPTIONS = dict(ttt_pre_conv=True, ttt_qk_norm="l2", ttt_conv_size=3, ttt_use_rope=False, ttt_eta_schedule="sum",
+                     ttt_centre=True)
+
+
+def options_model(mode: str, **kw) -> LlamaTTTForCausalLM:
+    model = make_model(mode, **(LAYER_OPTIONS | kw))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for ttt in ttt_modules(model).values():
+            for conv in (ttt.q_conv, ttt.k_conv, ttt.v_conv):  # off the identity init, so that a lost tail shows
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.5)
+    return model
+
+
+def test_layer_option_fields_reach_the_ttt_layers_and_config_json(tmp_path: Path) -> None:
+    model = options_model("replace", ttt_conv_kernel=3)
+    cfg = ttt_modules(model)[2].config
+    assert (cfg.pre_conv, cfg.conv_kernel, cfg.qk_norm, cfg.conv_size, cfg.use_rope, cfg.eta_schedule, cfg.centre) \
+        == (True, 3, "l2", 3, False, "sum", True)
+    assert "model.layers.2.self_attn.ttt.pre_conv.conv.weight" in ttt_parameter_names(model)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["ttt_centre"] is True and saved["ttt_qk_norm"] == "l2" and saved["ttt_conv_size"] == 3
+    with pytest.raises(ValueError, match=r"TTTConfig.qk_norm must be one of \('none', 'l2'\), got 'rms'"):
+        make_model("replace", ttt_qk_norm="rms")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_options_split_calls_with_the_cache_equal_one_call(mode: str) -> None:
+    model = options_model(mode)
+    x = ids(2, 19)
+    with torch.no_grad():
+        full = model(x, use_cache=False).logits
+        cache, pieces = TTTDynamicCache(), []
+        for a, b in ((0, 7), (7, 8), (8, 9), (9, 19)):
+            out = model(x[:, a:b], past_key_values=cache, use_cache=True)
+            assert out.past_key_values is cache
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+    state = cache.ttt_states[2]
+    assert sorted(state.input_state) == ["centre_count", "centre_sum", "pre_conv", "qkv_conv"]
+    assert state.input_state["centre_count"].flatten().tolist() == [19.0, 19.0]
+
+
+def test_layer_options_greedy_generate_equals_full_recomputation() -> None:
+    model = options_model("replace")
+    prompt, n = ids(2, 9), 8
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False)
+    assert torch.equal(out[:, prompt.shape[1]:], greedy_by_recompute(model, prompt, n))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("options", [False, True])
+def test_ttt_layer_and_model_are_causal_exactly(mode: str, options: bool) -> None:
+    """Changing inputs at positions >= t changes no output before t, bit for bit: the TTT layer alone and the
+    whole model around it."""
+    model = options_model(mode) if options else make_model(mode)
+    g = torch.Generator().manual_seed(9)
+    x = ids(2, 21)
+    with torch.no_grad():
+        for t in (1, 6, 20):
+            x2 = x.clone()
+            x2[:, t:] = torch.randint(1, V, x2[:, t:].shape, generator=g)
+            a, b = model(x, use_cache=False).logits, model(x2, use_cache=False).logits
+            assert torch.equal(a[:, :t], b[:, :t]), t
+            assert not torch.equal(a[:, t], b[:, t])
+            h = torch.randn(2, 21, 64, generator=g)
+            h2 = h.clone()
+            h2[:, t:] = torch.randn(h2[:, t:].shape, generator=g)
+            ttt = ttt_modules(model)[2]
+            y, y2 = ttt(h)[0], ttt(h2)[0]
+            assert torch.equal(y[:, :t], y2[:, :t]) and not torch.equal(y[:, t], y2[:, t])
+
+
+def test_layer_options_keep_padding_out_of_the_input_state() -> None:
+    model = options_model("replace")
+    a, b = ids(1, 9, seed=7), ids(1, 5, seed=8)
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1)]).long()
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True,
+                         return_legacy_cache=False)
+    assert torch.equal(out.sequences[1, 9:], greedy_by_recompute(model, b, 6)[0])
+    alone = TTTDynamicCache()
+    with torch.no_grad():
+        model(torch.cat([b, out.sequences[1:, 9:-1]], 1), past_key_values=alone, use_cache=True)
+    for name, t in alone.ttt_states[0].input_state.items():
+        torch.testing.assert_close(out.past_key_values.ttt_states[0].input_state[name][1], t[0], rtol=1e-5,
+                                   atol=1e-5)
