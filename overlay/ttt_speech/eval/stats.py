@@ -2,9 +2,9 @@
 
 Pure numpy (no torch, no moshi), so benchmarks and tests can use it anywhere.
 
-- `cluster_bootstrap`: the mean over documents with a percentile CI from resampling *clusters* (documents of one
-  speaker, or of one book) with replacement. Documents of a cluster are not independent; treating them as such
-  gives intervals that are too narrow. Fewer than `min_clusters` clusters: no CI (None), whatever the documents.
+- `cluster_bootstrap`: the mean over documents with a CI from resampling *clusters* (documents of one speaker, or
+  of one book) with replacement, widened for few clusters. Documents of a cluster are not independent; treating
+  them as such gives intervals that are too narrow. Fewer than `min_clusters` clusters: no CI (None).
 - `paired_differences`: per-document differences of two checkpoints on the same documents. Differences remove the
   between-document variance that unpaired CIs keep, so they see much smaller effects.
 - `window_contrast`: per document, the mean NLL past the attention window minus the mean of the frames just before
@@ -80,13 +80,25 @@ def t_interval(values: Sequence[float], min_n: int = MIN_CLUSTERS) -> Estimate:
     return Estimate(mean, mean - half, mean + half, n, n)
 
 
+def small_sample_factor(n_clusters: int) -> float:
+    """How much `cluster_bootstrap` widens the percentile interval around the mean with G clusters:
+    t_{G-1, 0.975} / z_{0.975} * sqrt(G / (G - 1)), the small-sample correction of the cluster-robust variance
+    (CR1, G - 1 degrees of freedom). 1.87 for G = 4, 1.30 for 10, 1.11 for 40."""
+    return t975(n_clusters - 1) / 1.959964 * math.sqrt(n_clusters / (n_clusters - 1))
+
+
 def cluster_bootstrap(values: Sequence[float], clusters: Sequence[Hashable], n_boot: int = DEFAULT_BOOTSTRAP,
-                      seed: int = 0, min_clusters: int = MIN_CLUSTERS, level: float = 0.95) -> Estimate:
-    """The mean of `values` over documents, with a percentile cluster-bootstrap CI.
+                      seed: int = 0, min_clusters: int = MIN_CLUSTERS, widen: bool = True) -> Estimate:
+    """The mean of `values` over documents, with a 95% cluster-bootstrap CI.
 
     Each bootstrap replicate draws as many clusters as there are, with replacement, and takes the mean over all
     documents of the drawn clusters (a cluster drawn twice counts twice). NaN values are dropped first (with their
     document); a cluster left without documents is no longer a cluster.
+
+    The plain percentile interval [q_2.5%, q_97.5%] of the replicates covers far less than 95% with few clusters
+    (measured on null data, 3 documents per cluster: 77% with 4 clusters, 84% with 6, 89% with 10, 91% with 20;
+    docs/eval.md). With `widen` (default), its two sides are stretched around the mean by `small_sample_factor`,
+    which keeps the bootstrap's asymmetry and restores the coverage of a t-interval over clusters.
 
     Args:
         values: one value per document, of shape [D].
@@ -94,7 +106,7 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[Hashable], n_b
         n_boot: replicates.
         seed: the resampling seed (the CI is deterministic given it).
         min_clusters: below this many clusters, the CI is None.
-        level: the CI's coverage.
+        widen: apply the small-sample correction (False: the plain percentile interval).
     """
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or len(clusters) != v.shape[0]:
@@ -115,8 +127,10 @@ def cluster_bootstrap(values: Sequence[float], clusters: Sequence[Hashable], n_b
         return Estimate(mean, None, None, int(v.size), G)
     counts = _draw_counts(G, n_boot, seed)  # [n_boot, G]: how often each cluster was drawn
     boot = (counts @ sums) / (counts @ sizes)
-    alpha = (1.0 - level) / 2
-    lo, hi = np.quantile(boot, [alpha, 1.0 - alpha])
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    if widen:
+        c = small_sample_factor(G)
+        lo, hi = mean + c * (lo - mean), mean + c * (hi - mean)
     return Estimate(mean, float(lo), float(hi), int(v.size), G)
 
 
