@@ -3,11 +3,13 @@ under autocast, bounded fast weights with streaming == parallel, and the warning
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from test_moshi_ttt import forward_text_input, random_codes, stream, ttt_model
 
-from ttt_speech.integrations.moshi import build_lm, ttt_modules
+from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, ttt_modules
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,3 +110,64 @@ def test_max_delta_bounds_the_streamed_fast_weight() -> None:
         assert state.chunks.tolist() == [10]
 
     stream(model, seq, [1] * 21, inspect=check)
+
+
+def librilight_like_codes(model, B: int = 2, T: int = 48) -> torch.Tensor:
+    """Untranscribed mono audio: the text stream all padding, the model's audio varied, the user stream silent."""
+    codes = random_codes(model, B, T, seed=3)
+    codes[:, 0] = model.existing_text_padding_id
+    codes[:, 1 + model.dep_q:] = 5  # one constant token per user codebook
+    return codes
+
+
+@pytest.mark.parametrize("target", ["token_embeddings", "input_embeddings"])
+def test_the_monitor_measures_whether_the_target_has_content(target: str, tmp_path) -> None:
+    """LibriLight: token_embeddings is all padding, so every chunk update is rank one (warned); the input embedding
+    varies with the audio and spans many directions."""
+    from ttt_speech.train.monitor import Monitor
+
+    model = build_lm(seed=0)
+    apply_ttt(model, MoshiTTTConfig(layers=[0, 2], chunk_size=16, target=target))
+    monitor = Monitor(model.train(), tmp_path / "ttt_stats.csv", echo=lambda _: None)
+    monitor.arm()
+    model(librilight_like_codes(model))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = monitor.collect(0)
+    assert [r["update_probe"] for r in rows] == [1.0, 1.0]  # the conv is still zero: the probe
+    shares = [r["update_top_share"] for r in rows]
+    if target == "token_embeddings":
+        assert shares == [1.0, 1.0] and [r["update_eff_rank"] for r in rows] == [1.0, 1.0]
+        assert len(caught) == 2 and "has no content" in str(caught[0].message)
+    else:
+        assert max(shares) < 0.5, shares
+        assert min(r["update_eff_rank"] for r in rows) > 3
+        assert not caught
+    assert "update_top_share" in (tmp_path / "ttt_stats.csv").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("layer_type,base_lr", [("linear", 3e-4), ("mlp", 1e-3)])
+def test_block_ttt_part_under_autocast_stays_close_to_fp32(layer_type: str, base_lr: float) -> None:
+    """The TTT-Linear/MLP block audited for the same failure: with fp32 parameters the block runs outside autocast
+    (bf16 rounding of q + LN(z) made TTT-Linear's TTT part 88% off at |dW| / |W0| ~ 1e-3)."""
+    model = build_lm(seed=0)
+    apply_ttt(model, MoshiTTTConfig(kind="block", layers=[1], ttt_num_heads=2, ttt_mini_batch_size=4,
+                                    ttt_layer_type=layer_type, gate_init=0.5))
+    block = ttt_modules(model)[1]
+    x = torch.randn(2, 24, model.dim, generator=torch.Generator().manual_seed(0))
+
+    def ttt_part() -> torch.Tensor:
+        block.ttt.config.ttt_base_lr = base_lr
+        live = block(x).float()
+        block.ttt.config.ttt_base_lr = 0.0
+        return live - block(x).float()
+
+    with torch.no_grad():
+        block.ttt.config.ttt_base_lr = base_lr
+        final = block.ttt(block.norm(x))[1].params["W1"]
+        ratio = ((final - block.ttt.W1.float()).norm() / block.ttt.W1.float().norm()).item()
+        assert 3e-4 < ratio < 3e-3, ratio
+        ref = ttt_part()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = ttt_part()
+    assert _rel(got, ref) < 0.05, f"TTT part under autocast off by {_rel(got, ref):.1%}"

@@ -40,7 +40,6 @@ from ttt_speech.ops.inplace_ttt import (
 )
 
 TARGET_SOURCES = ("input_embeddings", "token_embeddings", "layer_input")
-DEGENERATE_SHARE = 0.95
 
 
 @dataclass
@@ -285,9 +284,13 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
     def _stats(self, out: torch.Tensor, z: torch.Tensor, x0: torch.Tensor, w_last: torch.Tensor,
                w0: torch.Tensor) -> dict:
         """Fast-weight statistics, the inner loss, and the spectrum of the chunk updates: top-direction energy share
-        and effective rank, averaged over chunks and rows. While the conv is still zero (step 0: every update is
-        zero) the spectrum is that of a probe update with a unit conv tap, V = X0 W_target^T: it shows whether the
-        target source has content at all."""
+        and effective rank, averaged over chunks and rows (`ops.inplace_ttt.spectrum`).
+
+        While the conv is still zero (step 0: every update is zero) a probe measures whether the target source has
+        content: the update a unit conv tap would make from X0 minus its chunk mean, V = (X0 - mean) W_target^T.
+        A source constant over the chunk (an all-padding text stream) has none: share 1, effective rank 1. (The
+        chunk mean itself, e.g. a silent user stream's embeddings, is a constant direction the conv learns to
+        remove; it is left out of the probe.)"""
         C = self.config.chunk_size
         n_full = x0.shape[1] // C * C
         stats = {"kind": "inplace", **fast_weight_stats(w_last, w0), "eta_mean": self.config.lr,
@@ -297,11 +300,19 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         v = self.targets(x0[:, :n_full])
         stats["inner_loss"] = -(out[:, :n_full] * v).sum(-1).mean().item()
         probe = not bool(v.abs().amax() > 0)
+        no_content = None
         if probe:
+            B, _, D = x0.shape
+            chunks = x0[:, :n_full].float().reshape(B, n_full // C, C, D)
+            centred = chunks - chunks.mean(2, keepdim=True)
+            no_content = centred.square().sum((2, 3)) <= 1e-10 * chunks.square().sum((2, 3))  # [B, n]
             unit = torch.zeros_like(self.ttt_conv.weight[:, 0], dtype=torch.float32)
             unit[:, (unit.shape[1] - 1) // 2 if self.config.conv == "centred" else 0] = 1.0
-            v = self.targets(x0[:, :n_full], conv_weight=unit)
-        share, rank = spectrum_summary(chunk_update_spectrum(v, z[:, :n_full], C))
+            v = self.targets(centred.reshape(B, n_full, D), conv_weight=unit)
+        share, rank = spectrum_summary(chunk_update_spectrum(v, z[:, :n_full], C))  # [B, n]
+        if no_content is not None:
+            share = torch.where(no_content, torch.ones_like(share), share)
+            rank = torch.where(no_content, torch.ones_like(rank), rank)
         stats.update(update_top_share=share.nanmean().item(), update_eff_rank=rank.nanmean().item(),
                      update_probe=float(probe))
         return stats

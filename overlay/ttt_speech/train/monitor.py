@@ -57,11 +57,13 @@ class Monitor:
                               f"{row['w_max_abs']:.3g} > {self.explode:g}); lower ttt.lr or set ttt.clip_tau",
                               stacklevel=2)
             if row.get("update_top_share", 0.0) > self.degenerate:
-                warnings.warn(f"step {step}: TTT layer {idx}: degenerate chunk update, "
-                              f"{row['update_top_share']:.1%} of its energy in one direction (effective rank "
-                              f"{row['update_eff_rank']:.2f}): the target has no content, and the fast weight only "
-                              "sums activations. Use ttt.target: input_embeddings (token_embeddings is all padding "
-                              "on untranscribed audio)", stacklevel=2)
+                what = ("the target source has no content within a chunk (ttt.target: token_embeddings is all "
+                        "padding on untranscribed audio; use input_embeddings)" if row.get("update_probe") else
+                        "the fast weight mostly adds one fixed direction (expected for the first steps, while the "
+                        "conv learns to remove the chunk mean; persistent, it means the target carries no content)")
+                warnings.warn(f"step {step}: TTT layer {idx}: degenerate chunk update, {row['update_top_share']:.1%} "
+                              f"of its energy in one direction (effective rank {row['update_eff_rank']:.2f}): {what}",
+                              stacklevel=2)
             rows.append(row)
         spectra = [r for r in rows if "update_top_share" in r]
         if not self.started and spectra:
