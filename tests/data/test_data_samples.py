@@ -14,12 +14,13 @@ from ttt_speech.data.manifest import MAIN_SPEAKER, read_alignments, read_manifes
 MS = 24  # samples per millisecond at 24 kHz
 
 
-def check_exact_alignment(channel: np.ndarray, spans: list[tuple[float, float]], others: list[tuple[float, float]]):
+def check_exact_alignment(channel: np.ndarray, spans: list[tuple[float, float]], others: list[tuple[float, float]],
+                          loud: float = 0.01):
     """Sound right after every word's start and right before its end; silence between words and during others'."""
     silent = np.ones(channel.shape[-1], bool)
     for start, end in spans:
         a, b = round(start * 24000), round(end * 24000)
-        assert np.abs(channel[a:a + 20 * MS]).max() > 0.01 and np.abs(channel[b - 20 * MS:b]).max() > 0.01
+        assert np.abs(channel[a:a + 20 * MS]).max() > loud and np.abs(channel[b - 20 * MS:b]).max() > loud
         silent[max(0, a - 2 * MS):b + 2 * MS] = False  # 2 ms: the resampling filter's spread
     assert np.abs(channel[silent]).max() < 0.003
     for start, end in others:
@@ -77,3 +78,59 @@ def test_make_samples_is_idempotent(samples) -> None:
         out = subprocess.run([sys.executable, str(script), "--out", str(samples)], capture_output=True, text=True,
                              check=True).stdout
     assert "up to date" in out
+
+
+def _recall(samples):
+    import json
+
+    return json.loads((samples / "recall.json").read_text())
+
+
+def test_recall_documents_hold_out_voices_and_content(samples) -> None:
+    meta = _recall(samples)
+    docs = {split: [d for d in meta["documents"] if d["split"] == split] for split in ("train", "heldout")}
+    assert len(docs["train"]) >= 48 and len(docs["heldout"]) >= 12
+    voices = {split: {d["voice"] for d in ds} for split, ds in docs.items()}
+    assert not voices["train"] & voices["heldout"] and len(voices["heldout"]) >= 3 and len(voices["train"]) >= 3
+    assert {d["rate"] for d in meta["documents"]} == set(meta["rates"]) and len(meta["rates"]) >= 2
+    assert {d["kind"] for d in docs["heldout"]} == {"name", "digits", "phrase"}
+    # no held-out name or phrase word in any training content, no held-out digit string in training
+    train_words = {w for d in docs["train"] for c in (d["content"], d["unrelated"]) for w in c.split()}
+    train_strings = {c for d in docs["train"] for c in (d["content"], d["unrelated"])}
+    for d in docs["heldout"]:
+        for c in (d["content"], d["unrelated"]):
+            assert c not in train_strings
+            if d["kind"] != "digits":
+                assert not set(c.split()) & train_words, c
+    for split, ds in docs.items():
+        manifest = read_manifest(samples / f"recall_{split}.jsonl")
+        assert [e.path for e in manifest] == [(samples / d["path"]).resolve() for d in ds]
+
+
+def test_recall_documents_layout(samples) -> None:
+    """Parts tile the document on Mimi frame boundaries, the filler is long enough, A is said twice with the
+    same words, and the word alignments are exact."""
+    meta = _recall(samples)
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(samples / "tokenizer.model"))
+    for n, d in enumerate(meta["documents"]):
+        parts = [d["parts"][p] for p in ("first", "filler", "repeat", "unrelated")]
+        assert parts[0][0] == 0 and parts[-1][1] == pytest.approx(d["duration"])
+        assert all(parts[i][1] == parts[i + 1][0] for i in range(3))
+        for a, b in parts:
+            assert round(a / 0.08, 6) == round(a / 0.08) and round(b / 0.08, 6) == round(b / 0.08)
+        assert parts[1][1] - parts[1][0] >= meta["min_filler_sec"] - 1e-9
+        words = read_alignments((samples / d["path"]).with_suffix(".json"))
+
+        def said(span, words=words):
+            return " ".join(w.text for w in words if span[0] <= w.start and w.end <= span[1]).rstrip(".")
+
+        assert said(d["spans"]["first"]) == said(d["spans"]["repeat"]) == d["content"]
+        assert said(d["spans"]["unrelated"]) == d["unrelated"]
+        for name, (a, b) in d["parts"].items():  # no word crosses a part boundary
+            assert all(w.end <= b for w in words if a <= w.start < b), name
+        assert all(0 not in tokenizer.encode(w.text) for w in words)
+        if n % 13 == 0:  # a few documents: the audio matches the alignments exactly
+            audio, rate = sphn.read(str(samples / d["path"]))
+            assert rate == 24000 and audio.shape == (1, round(d["duration"] * 24000))
+            # words are trimmed at 0.01 of full scale before resampling, which can leave 0.0098 at an edge
+            check_exact_alignment(audio[0], [(w.start, w.end) for w in words], [], loud=0.005)
