@@ -227,9 +227,10 @@ def plot_generate(report: dict, path: Path) -> Path:
         ax.set_xlabel("time (minutes)")
     axes.flat[0].legend(fontsize=8)
     ci = "95% CI over samples" if n_samples >= MIN_CLUSTERS else f"no CI ({n_samples} samples < {MIN_CLUSTERS})"
-    fig.suptitle(f"free-running generation: {n_samples} samples per checkpoint (seeds {report['seeds']} x "
-                 f"{report['batch_size']} rows), windows of {report['window_frames'] / FRAME_RATE:g} s, {ci}; "
-                 "grey: prompt", fontsize=10)
+    seconds = report["window_frames"] / FRAME_RATE
+    fig.suptitle(f"free-running generation: {n_samples} sample{'s' * (n_samples != 1)} per checkpoint (seeds "
+                 f"{report['seeds']} x {report['batch_size']} rows), windows of {seconds:g} s, {ci}; grey: prompt",
+                 fontsize=10)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.92, hspace=0.35, wspace=0.25)  # tight_layout: slow
     fig.savefig(path, dpi=100)
     plt.close(fig)

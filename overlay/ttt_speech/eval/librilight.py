@@ -231,8 +231,8 @@ def evaluate(models: dict[str, tuple[str, torch.nn.Module]], documents: list[tup
         print(f"eval-librilight: {note}")
     doc_speakers, unknown = resolve_speakers([d for d, _ in documents], speakers)
     if unknown:
-        print(f"eval-librilight: {len(unknown)} documents have no known speaker (no <speaker>_<k> name, no "
-              f"--speakers entry), each is its own cluster: {', '.join(Path(u).name for u in unknown[:5])}"
+        print(f"eval-librilight: {plural(len(unknown), 'document')} without a known speaker (no <speaker>_<k> "
+              f"name, no --speakers entry), each its own cluster: {', '.join(Path(u).name for u in unknown[:5])}"
               + (", ..." if len(unknown) > 5 else ""))
     curve = curve_edges(max(n for _, n in lengths))
     (b0, b1), (a0, _) = contrast_spans(window, before_start)
@@ -269,6 +269,10 @@ def evaluate(models: dict[str, tuple[str, torch.nn.Module]], documents: list[tup
     write_csv(report, out_dir / "report.csv")
     plot_report(report, out_dir / "nll_vs_position.png")
     return report
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def _nan_to_none(obj):
@@ -310,7 +314,7 @@ def write_csv(report: dict, path: Path) -> None:
 
 def _ci_label(report: dict) -> str:
     n = report["n_speakers"]
-    return "95% CI over speakers" if n >= MIN_CLUSTERS else f"no CI: {n} speaker{'s' * (n != 1)} (< {MIN_CLUSTERS})"
+    return "95% CI over speakers" if n >= MIN_CLUSTERS else f"no CI: {plural(n, 'speaker')} (< {MIN_CLUSTERS})"
 
 
 def plot_report(report: dict, path: Path) -> Path:
@@ -352,7 +356,8 @@ def plot_report(report: dict, path: Path) -> Path:
             ax.set_xscale("log")
             ax.legend(fontsize=8)
         suffix = "" if stream == "text" else " (mean of codebooks)"
-        top.set_title(f"{stream} NLL{suffix}: mean over {report['n_documents']} documents, {_ci_label(report)}",
+        top.set_title(f"{stream} NLL{suffix}: mean over {plural(report['n_documents'], 'document')}, "
+                      f"{_ci_label(report)}",
                       fontsize=9)
         top.set_ylabel("NLL (nats)")
         bottom.set_title(f"paired difference to {ref}, same documents ({_ci_label(report)})", fontsize=9)
@@ -437,9 +442,9 @@ def paired_line(report: dict, name: str, streams: tuple[str, ...] = ("text", "au
         parts.append(f"{stream} {est['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""))
     est = p["past_window"][streams[-1]]
     n_docs, n_spk = est["n_docs"], est["n_speakers"]
-    ci_note = "95% CI over speakers" if n_spk >= MIN_CLUSTERS else f"no CI with {n_spk} speaker{'s' * (n_spk != 1)}"
-    return (f"{name} - {p['reference']} past the window (frames >= {report['window']}), paired on {n_docs} "
-            f"document{'s' * (n_docs != 1)}: {', '.join(parts)} ({ci_note})")
+    ci_note = "95% CI over speakers" if n_spk >= MIN_CLUSTERS else f"no CI with {plural(n_spk, 'speaker')}"
+    return (f"{name} - {p['reference']} past the window (frames >= {report['window']}), paired on "
+            f"{plural(n_docs, 'document')}: {', '.join(parts)} ({ci_note})")
 
 
 def _paired_row(stream: str, what: str, est: dict) -> str:
@@ -453,7 +458,8 @@ def _paired_row(stream: str, what: str, est: dict) -> str:
 def print_summary(report: dict, streams: tuple[str, ...] = ("text", "audio"), paired: bool = True) -> None:
     """The absolute table (means), then (`paired`) each checkpoint's paired difference to the reference."""
     W = report["window"]
-    print(f"NLL by position: {report['n_documents']} documents, {report['n_speakers']} speakers; window {W} frames; "
+    print(f"NLL by position: {plural(report['n_documents'], 'document')}, {plural(report['n_speakers'], 'speaker')}; "
+          f"window {W} frames; "
           f"{_ci_label(report)}")
     bins = [f"{b[0]}-{b[1]}" for b in report["bins"]]
     print(f"{'checkpoint':<14} {'stream':<6} " + " ".join(f"{b:>11}" for b in bins)
