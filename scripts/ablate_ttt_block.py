@@ -35,6 +35,7 @@ TOKENS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "norope": ({}, {"use_rope": False}),
     "sum": ({}, {"eta_schedule": "sum"}),
     "preconv": ({}, {"pre_conv": True}),
+    "sqk": ({"ttt_share_qk": True}, {}),
 }
 
 

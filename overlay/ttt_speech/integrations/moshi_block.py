@@ -124,7 +124,10 @@ class MoshiTTTBlock(StreamingModule[TTTBlockState]):
             out, final = self.ttt(y.to(dtype))
             if self.record_stats:
                 with torch.no_grad():
-                    eta, _ = self.ttt._eta(y.to(dtype))
+                    layer_in = y.to(dtype)
+                    if self.ttt.config.pre_conv:  # eta reads the layer's input after its pre-conv
+                        layer_in = layer_in + self.ttt.pre_conv(layer_in)[0]
+                    eta, _ = self.ttt._eta(layer_in)
                     self.stats = {"kind": "block", **fast_weight_stats(final.params["W1"], self.ttt.W1),
                                   "eta_mean": eta.float().mean().item(), "eta_max": eta.float().max().item(),
                                   "gate": torch.tanh(self.gate_alpha.float()).mean().item()}
