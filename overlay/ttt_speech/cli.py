@@ -23,7 +23,7 @@ def run_command(command, argv: list[str] | None) -> int:
     """`command(argv)`, with known errors as one line and exit status 2, Ctrl-C as "aborted" and 130, warnings as
     `warning: ...` lines; `--debug` anywhere in `argv` keeps the tracebacks."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
-    warnings.formatwarning = _one_line_warning
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return command(argv)
     except KeyboardInterrupt:
@@ -38,6 +38,8 @@ def run_command(command, argv: list[str] | None) -> int:
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def _main(argv: list[str] | None) -> int:

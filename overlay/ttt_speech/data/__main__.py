@@ -7,7 +7,14 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ttt_speech.cli import run_command
+
+    return run_command(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ttt_speech.data", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of known errors too")
     sub = parser.add_subparsers(dest="command", required=True)
     manifest = sub.add_parser("manifest", help="list the recordings of a folder that have alignments beside them")
     manifest.add_argument("audio_dir")

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttt_speech.errors import DataError
+
 SAMPLE_RATE = 24000
 FRAME_RATE = 12.5
 
@@ -69,13 +71,25 @@ def resample(wav: np.ndarray | torch.Tensor, src_rate: int, dst_rate: int, zero_
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
     """A recording as float32 audio of shape [2, S] at `sample_rate`: left = main speaker, right = user.
 
-    Mono files get a silent (all-zero) right channel; more than two channels is an error.
+    Mono files get a silent (all-zero) right channel. More than two channels, no samples, NaN or Inf samples and
+    unreadable files are `DataError`s naming the file.
     """
     import sphn
 
-    data, rate = sphn.read(str(path))
+    try:
+        data, rate = sphn.read(str(path))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"{path}: cannot read the audio ({e})") from e
     if data.ndim != 2 or data.shape[0] not in (1, 2):
-        raise ValueError(f"{path}: expected mono or stereo audio, got shape {list(data.shape)}")
+        raise DataError(f"{path}: expected mono or stereo audio, got shape {list(data.shape)}")
+    if data.shape[-1] == 0:
+        raise DataError(f"{path}: the file holds no audio samples")
+    finite = np.isfinite(data)
+    if not finite.all():
+        first = int(np.flatnonzero((~finite).any(axis=0))[0])
+        channel = int(np.flatnonzero(~finite[:, first])[0])
+        raise DataError(f"{path}: {int((~finite).sum())} NaN or Inf samples (the first at {first / rate:.3f} s, "
+                        f"channel {channel}); fix or drop the file")
     wav = resample(data, int(rate), sample_rate)
     if wav.shape[0] == 1:
         wav = torch.cat([wav, torch.zeros_like(wav)])

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from ttt_speech.data.audio import SAMPLE_RATE, load_audio
+from ttt_speech.data.audio import FRAME_RATE, SAMPLE_RATE, load_audio, num_frames
 from ttt_speech.data.manifest import ManifestEntry, read_manifest
+from ttt_speech.errors import DataError, DataFileNotFound
 
 FORMAT = "ttt-speech-codes/1"
 INDEX_FILE = "index.json"
@@ -50,8 +51,8 @@ def encode_recording(mimi, entry: ManifestEntry) -> torch.Tensor:
     wav = load_audio(entry.path, SAMPLE_RATE)  # [2, S]
     actual = wav.shape[-1] / SAMPLE_RATE
     if abs(actual - entry.duration) > DURATION_TOLERANCE_SEC:
-        raise ValueError(f"{entry.where}: duration {entry.duration} s but {entry.path} lasts {actual:.3f} s; "
-                         "rebuild the manifest")
+        raise DataError(f"{entry.where}: duration {entry.duration} s but {entry.path} lasts {actual:.3f} s; "
+                        "rebuild the manifest")
     codes = encode(mimi, wav)  # [2, K, F]
     return codes.reshape(-1, codes.shape[-1])
 
@@ -73,21 +74,36 @@ class CodeStore:
         self.root = Path(codes_dir)
         index_path = self.root / INDEX_FILE
         if not index_path.is_file():
-            raise FileNotFoundError(f"no {INDEX_FILE} in {self.root}; pre-encode the manifest first")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != FORMAT:
-            raise ValueError(f"{index_path}: format {index.get('format')!r}, expected {FORMAT!r}")
+            raise DataFileNotFound(f"no {INDEX_FILE} in {self.root}; pre-encode the manifest first")
+        try:
+            index = json.loads(index_path.read_text())
+        except ValueError as e:
+            raise DataError(f"{index_path}: not valid JSON ({e}); pre-encode again into an empty folder") from e
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            raise DataError(f"{index_path}: format {index.get('format') if isinstance(index, dict) else None!r}, "
+                            f"expected {FORMAT!r}")
         if mimi is not None and index["mimi"] != mimi_spec_id(mimi):
-            raise ValueError(f"{index_path}: codes made with Mimi {index['mimi']!r}, config asks for "
-                             f"{mimi_spec_id(mimi)!r}")
+            raise DataError(f"{index_path}: codes made with Mimi {index['mimi']!r}, config asks for "
+                            f"{mimi_spec_id(mimi)!r}")
         if num_codebooks is not None and index["num_codebooks"] != num_codebooks:
-            raise ValueError(f"{index_path}: {index['num_codebooks']} codebooks per channel, config asks for "
-                             f"{num_codebooks}")
+            raise DataError(f"{index_path}: {index['num_codebooks']} codebooks per channel, config asks for "
+                            f"{num_codebooks}")
         self.index: dict[str, Any] = index
         self._shards: dict[str, Any] = {}
 
     def __contains__(self, audio: str | Path) -> bool:
         return _relative_key(Path(audio), self.root) in self.index["files"]
+
+    def check_length(self, entry: ManifestEntry, frames: int | None = None) -> None:
+        """Refuse codes whose length does not match the manifest's duration (a manifest edited after encoding:
+        crops past the codes would be all padding). `frames`: the codes' length, else read from the index."""
+        if frames is None:
+            frames = self.index["files"][_relative_key(entry.path, self.root)]["num_frames"]
+        expected = num_frames(entry.duration)
+        if abs(frames - expected) > DURATION_TOLERANCE_SEC * FRAME_RATE:
+            raise DataError(f"{entry.where}: duration {entry.duration} s is {expected} frames, but its codes in "
+                            f"{self.root} hold {frames} frames ({frames / FRAME_RATE:.2f} s); the manifest or the "
+                            "codes are stale: rebuild the manifest, or pre-encode it again into a new folder")
 
     def get(self, entry: ManifestEntry) -> torch.Tensor:
         """The codes of `entry`, of shape [2 * K, F], dtype long."""
@@ -95,7 +111,7 @@ class CodeStore:
 
         item = self.index["files"].get(_relative_key(entry.path, self.root))
         if item is None:
-            raise KeyError(f"{entry.where}: {entry.path} is not in {self.root / INDEX_FILE}; pre-encode this manifest")
+            raise DataError(f"{entry.where}: {entry.path} is not in {self.root / INDEX_FILE}; pre-encode this manifest")
         if item["shard"] not in self._shards:
             self._shards[item["shard"]] = safe_open(str(self.root / item["shard"]), framework="pt")
         return self._shards[item["shard"]].get_tensor(item["key"]).long()
@@ -125,8 +141,8 @@ def pre_encode(manifest: str | Path, codes_dir: str | Path, mimi: str | Path = "
     if index_path.is_file():
         old = json.loads(index_path.read_text())
         if {k: old.get(k) for k in header} != header:
-            raise ValueError(f"{index_path} was made with {({k: old.get(k) for k in header})}, not {header}; "
-                             "use another folder")
+            raise DataError(f"{index_path} was made with {({k: old.get(k) for k in header})}, not {header}; "
+                            "use another folder")
         index = old
     entries = list(entries) if entries is not None else read_manifest(manifest)
     todo = [e for e in entries if _relative_key(e.path, root) not in index["files"]]

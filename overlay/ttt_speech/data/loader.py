@@ -16,15 +16,21 @@ Contract of `build_loader(cfg, rank, world_size)`:
   from interleaving all of its words (`interleave.interleave_text`). Frames past the end of a recording shorter
   than T are ZERO_TOKEN (-1) in all 17 rows, which moshi's LMModel masks out.
 - Resume. `state_dict()` is a dict of ints: samples read so far on this rank, plus what the position depends on
-  (seed, rank, world size, sample count, crop length, shuffle, random_crop). `load_state_dict` on a fresh loader
-  built from the same config makes it yield exactly the batches the uninterrupted loader would have yielded next;
-  a state from another configuration is refused with the differences named.
+  (seed, rank, world size, sample count, crop length, shuffle, random_crop, and a fingerprint of the manifest's
+  content). `load_state_dict` on a fresh loader built from the same config makes it yield exactly the batches the
+  uninterrupted loader would have yielded next; a state from another configuration, or another manifest with the
+  same sample count, is refused with the differences named.
+- Checks. Codes whose length does not match the manifest's duration are refused at construction; a recording
+  whose alignments yield no text token (times in milliseconds, past the end, another speaker's label) is warned
+  about once (`DataWarning`), naming its alignment file.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,8 +40,16 @@ import torch
 
 from ttt_speech.data.audio import FRAME_RATE, num_frames
 from ttt_speech.data.codes import CodeStore, encode_recording
-from ttt_speech.data.interleave import ZERO_TOKEN, interleave_text, tokenize_words
-from ttt_speech.data.manifest import MAIN_SPEAKER, ManifestEntry, read_alignments, read_manifest
+from ttt_speech.data.interleave import END_OF_TEXT_PAD, TEXT_PAD, ZERO_TOKEN, interleave_text, tokenize_words
+from ttt_speech.data.manifest import MAIN_SPEAKER, ManifestEntry, Word, read_alignments, read_manifest
+from ttt_speech.errors import ConfigError, DataError, DataFileNotFound
+
+# word times this far past the end of a recording mean the alignment does not belong to it (or is in ms)
+ALIGNMENT_SLACK_SEC = 1.0
+
+
+class DataWarning(UserWarning):
+    """Data that is legal but probably not what was meant (it trains on padding)."""
 
 
 @dataclasses.dataclass
@@ -56,6 +70,7 @@ class DataConfig:
         main_speaker: only this speaker's words make the text stream; None keeps every speaker's.
         num_codebooks: Mimi codebooks per channel.
         cache_files: recordings whose token streams stay in memory.
+        text_card: the language model's text vocabulary; None skips the check that the tokenizer's ids fit in it.
     """
 
     train_manifest: str = ""
@@ -71,19 +86,20 @@ class DataConfig:
     main_speaker: str | None = MAIN_SPEAKER
     num_codebooks: int = 8
     cache_files: int = 64
+    text_card: int | None = None
 
     def __post_init__(self) -> None:
         if not self.train_manifest:
-            raise ValueError("DataConfig.train_manifest must name a jsonl manifest")
+            raise ConfigError("DataConfig.train_manifest must name a jsonl manifest")
         if not self.tokenizer:
-            raise ValueError("DataConfig.tokenizer must name a SentencePiece model file")
+            raise ConfigError("DataConfig.tokenizer (data.tokenizer) must name a SentencePiece model file")
         if not self.duration_sec > 0 or self.crop_frames < 1:
-            raise ValueError(f"DataConfig.duration_sec must be at least one frame (0.08 s), got {self.duration_sec}")
+            raise ConfigError(f"DataConfig.duration_sec must be at least one frame (0.08 s), got {self.duration_sec}")
         for name in ("batch_size", "num_codebooks", "cache_files"):
             if getattr(self, name) < 1:
-                raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:
-            raise ValueError(f"DataConfig.seed must be >= 0, got {self.seed}")
+            raise ConfigError(f"DataConfig.seed must be >= 0, got {self.seed}")
 
     @property
     def crop_frames(self) -> int:
@@ -156,19 +172,30 @@ class StatefulLoader:
 
         self.cfg = cfg
         self.entries: list[ManifestEntry] = read_manifest(cfg.train_manifest)
+        self.manifest_hash = int(hashlib.sha256(Path(cfg.train_manifest).read_bytes()).hexdigest()[:15], 16)
         if not Path(cfg.tokenizer).is_file():
-            raise FileNotFoundError(f"DataConfig.tokenizer: SentencePiece model not found: {cfg.tokenizer}")
-        self.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(cfg.tokenizer))
+            raise DataFileNotFound(f"DataConfig.tokenizer: SentencePiece model not found: {cfg.tokenizer}")
+        try:
+            self.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(cfg.tokenizer))
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"{cfg.tokenizer}: not a SentencePiece model ({' '.join(str(e).split())})") from e
+        if cfg.text_card is not None and self.tokenizer.vocab_size() > cfg.text_card:
+            raise DataError(f"{cfg.tokenizer}: {self.tokenizer.vocab_size()} pieces, but the model's text vocabulary "
+                            f"(text_card) has {cfg.text_card}: ids past it cannot be embedded; use the model's "
+                            "tokenizer")
         self.sampler = CropSampler([num_frames(e.duration) for e in self.entries], cfg.crop_frames, cfg.seed,
                                    cfg.shuffle, cfg.random_crop, rank, world_size)
         self.store = CodeStore(cfg.codes_dir, cfg.mimi, cfg.num_codebooks) if cfg.codes_dir else None
         if self.store is not None:
             missing = [e for e in self.entries if e.path not in self.store]
             if missing:
-                raise ValueError(f"{missing[0].where}: {missing[0].path} is not in {cfg.codes_dir} ({len(missing)} "
-                                 f"of {len(self.entries)} recordings missing); pre-encode this manifest")
+                raise DataError(f"{missing[0].where}: {missing[0].path} is not in {cfg.codes_dir} ({len(missing)} "
+                                f"of {len(self.entries)} recordings missing); pre-encode this manifest")
+            for entry in self.entries:
+                self.store.check_length(entry)
         self._mimi = mimi
         self._cache: collections.OrderedDict[int, torch.Tensor] = collections.OrderedDict()
+        self._warned: set[int] = set()
         self.samples_seen = 0
 
     @property
@@ -179,7 +206,8 @@ class StatefulLoader:
     def _fingerprint(self) -> dict[str, int]:
         s = self.sampler
         return {"seed": s.seed, "rank": s.rank, "world_size": s.world_size, "num_samples": s.num_samples,
-                "crop_frames": s.crop_frames, "shuffle": int(s.shuffle), "random_crop": int(s.random_crop)}
+                "crop_frames": s.crop_frames, "shuffle": int(s.shuffle), "random_crop": int(s.random_crop),
+                "manifest_sha256": self.manifest_hash}
 
     def state_dict(self) -> dict[str, int]:
         return {"samples_seen": self.samples_seen, **self._fingerprint()}
@@ -190,10 +218,12 @@ class StatefulLoader:
         expected = self._fingerprint()
         diffs = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in expected.items() if state.get(k) != v]
         if diffs:
-            raise ValueError("data loader state does not match this loader (" + "; ".join(diffs) + ")")
+            if "manifest_sha256" in "".join(diffs):
+                diffs.append(f"{self.cfg.train_manifest} is not the manifest this run started with")
+            raise DataError("data loader state does not match this loader (" + "; ".join(diffs) + ")")
         seen = state.get("samples_seen")
         if not isinstance(seen, int) or seen < 0:
-            raise ValueError(f"data loader state: samples_seen must be an int >= 0, got {seen!r}")
+            raise DataError(f"data loader state: samples_seen must be an int >= 0, got {seen!r}")
         self.samples_seen = seen
 
     def __iter__(self) -> StatefulLoader:
@@ -223,14 +253,41 @@ class StatefulLoader:
         entry = self.entries[index]
         codes = self.store.get(entry) if self.store is not None else encode_recording(self._get_mimi(), entry)
         if codes.shape[0] != 2 * self.cfg.num_codebooks:
-            raise ValueError(f"{entry.where}: codes have {codes.shape[0]} rows, expected {2 * self.cfg.num_codebooks}")
-        words = tokenize_words(self.tokenizer, read_alignments(entry.alignment_path), self.cfg.main_speaker)
-        text = torch.tensor(interleave_text(words, codes.shape[-1], FRAME_RATE), dtype=codes.dtype)
+            raise DataError(f"{entry.where}: codes have {codes.shape[0]} rows, expected {2 * self.cfg.num_codebooks}")
+        if self.store is not None:
+            self.store.check_length(entry, codes.shape[-1])
+        aligned = read_alignments(entry.alignment_path)
+        words = tokenize_words(self.tokenizer, aligned, self.cfg.main_speaker)
+        text = interleave_text(words, codes.shape[-1], FRAME_RATE)
+        if index not in self._warned:
+            self._warned.add(index)
+            self._check_text(entry, aligned, text, codes.shape[-1] / FRAME_RATE)
+        text = torch.tensor(text, dtype=codes.dtype)
         stream = torch.cat([text[None], codes]).to(torch.int32)
         self._cache[index] = stream
         if len(self._cache) > self.cfg.cache_files:
             self._cache.popitem(last=False)
         return stream
+
+    def _check_text(self, entry: ManifestEntry, words: list[Word], text: list[int], seconds: float) -> None:
+        """Warn when a recording with aligned words gets no text token, or its word times overrun it."""
+        if not words:
+            return
+        where = entry.alignment_path
+        problems = []
+        last = max(w.end for w in words)
+        if last > seconds + ALIGNMENT_SLACK_SEC:
+            unit = "; are the times in milliseconds?" if last > 100 * seconds else ""
+            problems.append(f"word times reach {last:g} s but the recording lasts {seconds:.2f} s{unit}")
+        main = self.cfg.main_speaker
+        speakers = sorted({w.speaker for w in words})
+        if main is not None and main not in speakers:
+            problems.append(f"no word is spoken by {main!r} (speakers: {', '.join(speakers[:5])}); only the main "
+                            "speaker's words make the text stream")
+        if all(t in (TEXT_PAD, END_OF_TEXT_PAD) for t in text):
+            problems.append(f"its {len(words)} aligned words give no text token: the text stream is all padding")
+        if problems:
+            warnings.warn(f"{where}: " + "; ".join(problems), DataWarning, stacklevel=4)
 
     def _get_mimi(self) -> Any:
         if self._mimi is None:

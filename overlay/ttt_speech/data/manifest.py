@@ -3,7 +3,8 @@
 A manifest is a jsonl file, one recording per line: `{"path": "dialogues/a.wav", "duration": 24.52}`. A relative
 `path` is relative to the manifest's folder. Next to each recording lies its alignment file, same stem, `.json`:
 `{"alignments": [["Hello,", [0.46, 0.81], "SPEAKER_MAIN"], ...]}`, one `[word, [start_sec, end_sec], speaker]`
-per word. Other top-level keys are ignored. Malformed input raises `ValueError("<file>:<line>: ...")`.
+per word. Other top-level keys are ignored. Malformed input raises `DataError("<file>:<line>: ...")` (a
+`ValueError`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ttt_speech.errors import DataError, DataFileNotFound
 
 MAIN_SPEAKER = "SPEAKER_MAIN"
 _ENTRY_FORM = '{"path": "<audio file>", "duration": <seconds>}'
@@ -70,7 +73,7 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[ManifestEn
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest not found: {path}")
+        raise DataFileNotFound(f"manifest not found: {path}")
     entries = []
     root = path.resolve().parent
     with path.open(encoding="utf-8") as f:
@@ -81,26 +84,26 @@ def read_manifest(path: str | Path, check_files: bool = True) -> list[ManifestEn
             try:
                 item = json.loads(raw)
             except json.JSONDecodeError as e:
-                raise ValueError(
+                raise DataError(
                     f"{where}: invalid JSON ({e.msg} at column {e.colno}); expected {_ENTRY_FORM}") from None
             if not isinstance(item, dict):
-                raise ValueError(f"{where}: expected {_ENTRY_FORM}, got {type(item).__name__}")
+                raise DataError(f"{where}: expected {_ENTRY_FORM}, got {type(item).__name__}")
             missing = [key for key in ("path", "duration") if key not in item]
             if missing:
-                raise ValueError(f"{where}: missing {missing}; expected {_ENTRY_FORM}")
+                raise DataError(f"{where}: missing {missing}; expected {_ENTRY_FORM}")
             audio, duration = item["path"], item["duration"]
             if not isinstance(audio, str) or not audio:
-                raise ValueError(f"{where}: 'path' must be a non-empty string, got {audio!r}")
+                raise DataError(f"{where}: 'path' must be a non-empty string, got {audio!r}")
             if not _is_number(duration) or duration <= 0:
-                raise ValueError(f"{where}: 'duration' must be a positive number of seconds, got {duration!r}")
+                raise DataError(f"{where}: 'duration' must be a positive number of seconds, got {duration!r}")
             entry = ManifestEntry(root / audio, float(duration), path, lineno)
             if check_files:
                 for needed in (entry.path, entry.alignment_path):
                     if not needed.is_file():
-                        raise ValueError(f"{where}: file not found: {needed}")
+                        raise DataError(f"{where}: file not found: {needed}")
             entries.append(entry)
     if not entries:
-        raise ValueError(f"{path}: manifest has no entries; expected one {_ENTRY_FORM} per line")
+        raise DataError(f"{path}: manifest has no entries; expected one {_ENTRY_FORM} per line")
     return entries
 
 
@@ -143,14 +146,14 @@ def read_alignments(path: str | Path) -> list[Word]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"alignment file not found: {path}")
+        raise DataFileNotFound(f"alignment file not found: {path}")
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(data, dict) or not isinstance(data.get("alignments"), list):
-        raise ValueError(f'{path}:1: expected an object {{"alignments": [{_WORD_FORM}, ...]}}')
+        raise DataError(f'{path}:1: expected an object {{"alignments": [{_WORD_FORM}, ...]}}')
     words = []
     for i, item in enumerate(data["alignments"]):
         ok = (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
@@ -161,7 +164,7 @@ def read_alignments(path: str | Path) -> list[Word]:
             ok, problem = False, "start time must be >= 0"
         if not ok:
             line = _top_level_array_lines(text, "alignments")[i]
-            raise ValueError(f"{path}:{line}: alignments[{i}]: {problem}, got {json.dumps(item)}")
+            raise DataError(f"{path}:{line}: alignments[{i}]: {problem}, got {json.dumps(item)}")
         words.append(Word(item[0], float(item[1][0]), float(item[1][1]), item[2]))
     return words
 
@@ -194,10 +197,13 @@ def build_manifest(audio_dir: str | Path, out: str | Path, pattern: str = "**/*.
 
     files = sorted(p for p in Path(audio_dir).glob(pattern) if alignment_path(p).is_file())
     if not files:
-        raise ValueError(f"no {pattern} files with a .json alignment beside them under {audio_dir}")
+        raise DataError(f"no {pattern} files with a .json alignment beside them under {audio_dir}")
     durations = sphn.durations([str(p) for p in files])
     unreadable = [str(p) for p, d in zip(files, durations, strict=True) if d is None]
     if unreadable:
-        raise ValueError(f"cannot read audio: {unreadable[:5]}{' ...' if len(unreadable) > 5 else ''}")
+        raise DataError(f"cannot read audio: {unreadable[:5]}{' ...' if len(unreadable) > 5 else ''}")
+    empty = [str(p) for p, d in zip(files, durations, strict=True) if not d > 0]
+    if empty:
+        raise DataError(f"audio files with no samples: {empty[:5]}{' ...' if len(empty) > 5 else ''}")
     write_manifest(out, zip(files, durations, strict=True))
     return len(files)

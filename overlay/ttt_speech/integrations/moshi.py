@@ -25,6 +25,7 @@ from moshi.modules.streaming import StreamingModule
 from moshi.modules.transformer import StreamingTransformer, StreamingTransformerLayer
 from torch import nn
 
+from ttt_speech.errors import CheckpointMismatch
 from ttt_speech.integrations.moshi_block import MoshiTTTBlock, check_block_options
 from ttt_speech.integrations.moshi_inplace import InPlaceTTTConfig, InPlaceTTTGating
 from ttt_speech.nn import TTTConfig
@@ -394,15 +395,19 @@ def load_ttt_lm(weights: str | Path, config: MoshiTTTConfig | None = None, lm_kw
     ttt_keys = ttt_parameter_names(model)
     missing, unexpected = expected - set(state), set(state) - expected
     if unexpected or missing - ttt_keys:
-        raise ValueError(f"{weights}: does not fit the TTT model ({config.kind}, layers "
-                         f"{config.layer_indices(len(model.transformer.layers))}): missing keys "
-                         f"{sorted(missing - ttt_keys)}, unexpected keys {sorted(unexpected)}")
+        raise CheckpointMismatch(f"{weights}: does not fit the TTT model ({config.kind}, layers "
+                                 f"{config.layer_indices(len(model.transformer.layers))}): missing keys "
+                                 f"{sorted(missing - ttt_keys)}, unexpected keys {sorted(unexpected)}")
     if missing:
         # a base checkpoint: materialise and initialise exactly the new TTT parameters
         for module in ttt_modules(model).values():
             module.materialize(device)
         state.update({k: v for k, v in model.state_dict().items() if k in missing})
-    model.load_state_dict(state, assign=True)
+    try:
+        model.load_state_dict(state, assign=True)
+    except RuntimeError as e:  # torch names the keys and shapes; name the file and the model too
+        raise CheckpointMismatch(f"{weights}: does not fit the model built from its lm_kwargs and TTT config: "
+                                 f"{' '.join(str(e).split())}") from e
     record = training_record(directory)
     set_trained_chunks(model, record["trained_chunks"] if record and record.get("chunk_size") == config.chunk_size
                        else None)

@@ -61,6 +61,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.train_data:
             raise ConfigError('data.train_data must name a jsonl manifest, or be "synthetic"')
+        if self.train_data != "synthetic" and not self.tokenizer:
+            raise ConfigError(f"data.tokenizer is required with data.train_data={self.train_data!r}: the SentencePiece "
+                              "model of the text stream")
         if self.train_data == "synthetic" and self.codes_dir is not None:
             raise ConfigError(f"data.codes_dir={self.codes_dir!r} with data.train_data=synthetic: synthetic codes "
                               "are generated, never read; drop codes_dir or name the manifest it was encoded from")

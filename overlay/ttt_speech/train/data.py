@@ -50,5 +50,5 @@ def build_train_loader(cfg, duration_sec: float, lm_kwargs: dict[str, Any], rank
     data_cfg = data.DataConfig(train_manifest=cfg.data.train_data, duration_sec=duration_sec,
                                batch_size=cfg.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
                                tokenizer=cfg.data.tokenizer or "", mimi=cfg.data.mimi, codes_dir=cfg.data.codes_dir,
-                               device=device)
+                               device=device, text_card=lm_kwargs["text_card"])
     return data.build_loader(data_cfg, rank=rank, world_size=world_size)

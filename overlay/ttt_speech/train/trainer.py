@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ttt_speech.config import save_config
-from ttt_speech.errors import ConfigError, TrainingDiverged
+from ttt_speech.errors import CheckpointMismatch, ConfigError, TrainingDiverged, TTTSpeechError
 from ttt_speech.integrations import moshi as moshi_int
 from ttt_speech.train.checkpoint import (
     CheckpointError,
@@ -102,10 +102,26 @@ def continue_logs(run_dir: Path, resumed_from: int | None) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "metrics.csv").open("w", newline="") as f:
             csv.writer(f).writerow(METRICS)
-        truncate_log(run_dir / "ttt_stats.csv", lambda row: False)
+        (run_dir / "ttt_stats.csv").unlink(missing_ok=True)  # the monitor writes it afresh, header included
         return
     truncate_log(run_dir / "metrics.csv", lambda row: int(row["step"]) <= resumed_from)  # steps counted from 1
     truncate_log(run_dir / "ttt_stats.csv", lambda row: int(row["step"]) < resumed_from)  # steps counted from 0
+
+
+def build_named(cfg: TrainConfig, device: torch.device):
+    """`build_model`, with what a config or checkpoint can get wrong raised as a one-line error naming it."""
+    try:
+        return build_model(cfg, device)
+    except TTTSpeechError:
+        raise
+    except ValueError as e:  # the model's own checks (ttt.layers against the layer count, lm_kwargs, ...)
+        raise ConfigError(f"model: {' '.join(str(e).split())}") from e
+    except RuntimeError as e:
+        if "state_dict" not in str(e):
+            raise
+        with_ttt = "and ttt" if cfg.ttt is not None else "(ttt: null)"
+        raise CheckpointMismatch(f"model.checkpoint {cfg.model.checkpoint}: does not fit the model built from "
+                                 f"model.lm_kwargs {with_ttt}: {' '.join(str(e).split())}") from e
 
 
 def diverged(reason: str, run_dir: Path, model, optimizer, schedule, rank: int) -> TrainingDiverged:
@@ -133,7 +149,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
 
-    model, lm_kwargs = build_model(cfg, device)
+    model, lm_kwargs = build_named(cfg, device)
     ttt_names = ttt_trainable_names(model)
     if cfg.lora.enable:
         apply_lora(model, cfg.lora, keep_full=ttt_names)
