@@ -5,9 +5,10 @@
 
 For each combination of `TTTConfig` options, the block at layer 1 of the recall benchmark's model
 (`ttt_speech.eval.recall`, window variant, initialisation of `seed`) gets hand-wired keys: `k_proj = q_proj`, and
-short convs (`conv_size` 2) with `q_conv`, `v_conv` the identity and `k_conv` a one-frame delay, so the key at
-position p encodes token p - 1 and the target `v_p - k_p` holds token p: the pair "s_(i) -> s_(i+1)" is stored at
-p = i + 1, and the query at the copy of s_i should retrieve it. This isolates the memory from the question whether
+short convs (`conv_size` 2) with `q_conv`, `v_conv` the identity and `k_conv` a one-frame delay (with `share_qk`:
+`conv_q` the identity and `conv_k` the delay, biases 0), so the key at position p encodes token p - 1 and the
+target `v_p - k_p` holds token p: the pair "s_(i) -> s_(i+1)" is stored at p = i + 1, and the query at the copy of
+s_i should retrieve it. This isolates the memory from the question whether
 training finds such keys. Measured on the fixed evaluation sequences, with the fast weights read just before the copy
 (after S and the filler were written), per copy position i and candidate pair p of S:
 
@@ -59,6 +60,8 @@ COMBOS: dict[str, tuple[str, int | None, dict, dict]] = {
                                          {"qk_norm": "l2", "centre": True, "use_rope": False, "eta_schedule": "sum"}),
     "l2+centre+no_rope+sum+1_head+lr10": ("linear", 1, {"ttt_base_lr": 10.0},
                                           {"qk_norm": "l2", "centre": True, "use_rope": False, "eta_schedule": "sum"}),
+    "sqk+l2+centre+no_rope+sum+1_head": ("linear", 1, {"ttt_share_qk": True},
+                                         {"qk_norm": "l2", "centre": True, "use_rope": False, "eta_schedule": "sum"}),
     "mlp:reference": ("mlp", None, {}, {}),
     "mlp:l2+centre+no_rope+sum+1_head": ("mlp", 1, {}, {"qk_norm": "l2", "centre": True, "use_rope": False,
                                                         "eta_schedule": "sum"}),
@@ -70,14 +73,22 @@ def block_model(cfg: recall.RecallConfig, seed: int, layer_type: str, heads: int
     """The window model of `seed` with a TTT block at layer 1 whose keys are hand-wired as described above."""
     model = build_lm(cfg.lm_kwargs("window"), seed=seed)
     fields = {"ttt_mini_batch_size": cfg.chunk, **fields}
+    share_qk = fields.get("ttt_share_qk", False)
+    options = {**options, "conv_kernel": 2} if share_qk else {**options, "conv_size": 2}
     ttt = MoshiTTTConfig(kind="block", layers=[1], ttt_layer_type=layer_type, ttt_num_heads=heads or cfg.num_heads,
-                         ttt_options={**options, "conv_size": 2}, **fields)
+                         ttt_options=options, **fields)
     torch.manual_seed(seed)
     apply_ttt(model, ttt)
     layer = ttt_modules(model)[1].ttt
-    with torch.no_grad():
-        layer.k_proj.weight.copy_(layer.q_proj.weight)
-        layer.k_conv.weight.zero_()[..., 0] = 1.0  # taps (x_(t-1), x_t): the key of position t is token t - 1
+    with torch.no_grad():  # taps (x_(t-1), x_t): the key of position t is token t - 1, the query token t
+        if share_qk:
+            layer.conv_q.weight.zero_()[..., 1] = 1.0
+            layer.conv_k.weight.zero_()[..., 0] = 1.0
+            layer.conv_q.bias.zero_()
+            layer.conv_k.bias.zero_()
+        else:
+            layer.k_proj.weight.copy_(layer.q_proj.weight)
+            layer.k_conv.weight.zero_()[..., 0] = 1.0
     return model.eval()
 
 
