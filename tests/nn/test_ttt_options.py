@@ -28,6 +28,15 @@ OPTION_SETS = {
 CASES = [(name, lt) for name in OPTION_SETS for lt in ("linear", "mlp")]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_layer(layer_type="linear", seed=0, **kw):
     """A seeded layer whose inner loop and input transforms move visibly (the default init hides them)."""
     torch.manual_seed(seed)
@@ -152,18 +161,19 @@ def test_options_match_the_plain_reference(name, layer_type):
 @pytest.mark.parametrize("name, layer_type", CASES)
 def test_options_split_calls_decode_and_primal_equal_the_full_forward(name, layer_type):
     layer = make_layer(layer_type, **OPTION_SETS[name])
-    primal = make_layer(layer_type, scan_mode="primal", **OPTION_SETS[name])
-    primal.load_state_dict(layer.state_dict())
-    x = inputs(T=29)
+    x = inputs(T=23)
     with torch.no_grad():
         y_full, s_full = layer(x)
-        for lengths in ([5, 1, 1, 9, 3, 10], [13] + [1] * 16, [29]):
+        for lengths in ([5, 1, 1, 9, 3, 4], [13, 1, 1, 1, 7]):
             y_split, s_split = run_split(layer, x, lengths)
             assert_close(y_split, y_full, f"{name} {lengths} output")
             assert_states_close(s_split, s_full)
-        y_p, s_p = run_split(primal, x, [19, 10])
-    assert_close(y_p, y_full, f"{name} primal output")
-    assert_states_close(s_p, s_full)
+        if name in ("all", "share_qk+pre_conv+centre+l2"):  # the options act before the op: one check suffices
+            primal = make_layer(layer_type, scan_mode="primal", **OPTION_SETS[name])
+            primal.load_state_dict(layer.state_dict())
+            y_p, s_p = run_split(primal, x, [15, 8])
+            assert_close(y_p, y_full, f"{name} primal output")
+            assert_states_close(s_p, s_full)
 
 
 @pytest.mark.parametrize("name", list(OPTION_SETS))
