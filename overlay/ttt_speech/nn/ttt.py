@@ -1,8 +1,10 @@
 """TTT-Linear and TTT-MLP layers (Sun et al. 2024, arXiv 2407.04620) with an explicit, fp32, per-row state.
 
 Parameter names, shapes and init follow ``test-time-training/ttt-lm-pytorch`` (``TTTLinear`` / ``TTTMLP``), so
-its layer state_dicts load with ``strict=True``. The fast weights are per-sequence state (:class:`TTTState`); the
-parameters ``W1, b1 (, W2, b2)`` are only the learned initial state W0. Semantics: ``docs/ttt.md``.
+its layer state_dicts load with ``strict=True`` (with the default options; ``pre_conv`` and ``conv_size`` add keys of
+their own). The fast weights are per-sequence state (:class:`TTTState`); the parameters ``W1, b1 (, W2, b2)`` are
+only the learned initial state W0. The options beyond the reference (``qk_norm``, ``conv_size``, ``use_rope``,
+``eta_schedule``, ``centre``) act on the layer's input side, before the inner-loop op. Semantics: ``docs/ttt.md``.
 """
 
 from __future__ import annotations
