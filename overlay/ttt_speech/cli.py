@@ -12,6 +12,12 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(_one_line_warning(message, category, filename, lineno).rstrip("\n"), file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; a known error (`ttt_speech.errors.TTTSpeechError`: config, data, checkpoint, divergence)
     prints one line and returns 2, unless `--debug` asks for the traceback."""
@@ -23,7 +29,9 @@ def run_command(command, argv: list[str] | None) -> int:
     """`command(argv)`, with known errors as one line and exit status 2, Ctrl-C as "aborted" and 130, warnings as
     `warning: ...` lines; `--debug` anywhere in `argv` keeps the tracebacks."""
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    # one line each, on a line of its own even while a progress bar is drawn
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    showwarning, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return command(argv)
     except KeyboardInterrupt:
@@ -39,7 +47,7 @@ def run_command(command, argv: list[str] | None) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     finally:
-        warnings.formatwarning = formatwarning
+        warnings.formatwarning, warnings.showwarning = formatwarning, showwarning
 
 
 def _main(argv: list[str] | None) -> int:

@@ -177,7 +177,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="finetune", unit="step")
     losses: list[float] = []
     bad_streak, skipped = 0, 0
-    with stop_signals():
+    with stop_signals(), contextlib.closing(bar):  # closed before an error is printed, so it gets its own line
         while step < total:
             i, _ = schedule.stage_at(step)
             if i != stage_idx:  # a new curriculum stage: crops of its duration, data from its start
