@@ -9,14 +9,12 @@ Writes, in moshi-finetune's format (see docs/data.md):
 - `audiobook/alice.wav` + `.json`: a mono 24 kHz reading of a few minutes (LibriLight-shaped); `audiobook.jsonl`.
 - `tokenizer.model`: a SentencePiece model of 96 pieces trained on the text of the above (ids 0-3 as in Moshi's:
   unk, bos, eos, pad), and `text.txt`, its training text.
-- `recall/{train,heldout}/doc_<i>.wav` + `.json`: the spoken-recall documents (mono 24 kHz), one speaker each:
-  "Please remember <A>." / filler sentences (at least MIN_FILLER_SEC) / "Again, <A>." / "And now <B>.", where A and
-  B are a name, a spoken digit string or a short phrase. `recall_train.jsonl`, `recall_heldout.jsonl`, and
-  `recall.json`: per document its voice, rate, content, the four parts and the spans of A, its repeat and B, in
-  seconds. The held-out documents use voices and content (names, phrase words, digit strings) that no training
-  document uses. Each part starts on a Mimi frame boundary (80 ms) and is resampled on its own, so
-  `ttt_speech.eval.recall_spoken` can encode the parts separately and nothing about A reaches the filler's codes
-  through Mimi's own context.
+- the spoken-recall benchmark (`ttt_speech.eval.recall_docs` says what its documents say and how they are laid
+  out): `recall/banks/<voice>_<rate>.wav`, every word unit of one voice and rate (each word on Mimi frame
+  boundaries); `recall/{train,heldout}/doc_<i>.wav` + `.json`, the held-out documents and a few training examples
+  (mono 24 kHz); `recall_train.jsonl`, `recall_heldout.jsonl`; `recall.json` with the banks' unit index and, per
+  document, its voice, rate, content, parts and the spans of A, its repeat and B. Held-out voices and content
+  are never in the training banks.
 
 Word timings are exact by construction: every word is synthesised on its own, its leading and trailing silence
 trimmed, and the words are laid out with fixed gaps. Idempotent: a folder whose `samples.json` matches this
@@ -56,60 +54,9 @@ TURN_GAP_SEC = 0.55
 TAIL_SEC = 0.5
 TRIM_THRESHOLD = 0.01  # of full scale: where a word's sound starts and ends
 VOCAB_SIZE = 96  # the tiny LM's text_card (ttt_speech.integrations.moshi.TINY_LM_KWARGS)
+RECALL_VERSION = 1  # of the files `build_recall` writes (what they say: ttt_speech.eval.recall_docs)
+WORD_UNIT_GAP_SEC = 0.04  # a recall word's unit: its sound, then at least this much silence up to a frame boundary
 
-# the spoken-recall documents
-RECALL_TRAIN_VOICES = ["en-us", "en-us+f3", "en-gb+m3", "en-029+f2", "en-gb-scotland+m1"]
-RECALL_HELDOUT_VOICES = ["en-gb-x-rp+f4", "en-us-nyc+m2", "en-gb-x-gbclan+f1"]
-RECALL_RATES = [140, 185]  # words per minute
-RECALL_DOCS_PER_VOICE_RATE = {"train": 6, "heldout": 3}
-MIN_FILLER_SEC = 6.0  # > the recall model's receptive field (4 layers x (context 16 - 1) + 2 = 62 frames, 4.96 s)
-FRAME_SEC = 0.08  # one Mimi frame: parts start on frame boundaries
-PART_LEAD_SEC = 0.16
-PART_TAIL_SEC = 0.16
-RECALL_SEED = 1234
-RECALL_CUES = {"first": "Please remember", "repeat": "Again,", "unrelated": "And now"}
-# names and phrase words are split between training and held-out documents (no word in both); digit strings
-# (four digits, no zero: the tokenizer lacks z) are drawn so that no held-out string occurs in training. Letters
-# missing from the tokenizer's training text (q, z, and some capitals) are avoided: `build_recall` checks that
-# every word encodes without <unk>.
-RECALL_POOLS = {
-    "train": {
-        "first": ["Maria", "Oscar", "Hector", "Nadia", "Ramon", "Sofia", "Felix", "Ingrid", "Pablo", "Dora",
-                  "Agnes", "Boris", "Carmen", "Edith", "Greta", "Hugo"],
-        "last": ["Becker", "Moreno", "Moreau", "Novak", "Ferris", "Hansen", "Romero", "Castel", "Bishop", "Dalton",
-                 "Weston", "Porter", "Garcia", "Sutton", "Harper", "Ibsen"],
-        "adjective": ["purple", "silver", "hungry", "sleepy", "golden", "broken", "tiny", "rusty", "noisy",
-                      "gentle"],
-        "noun": ["tigers", "candles", "rockets", "violins", "pebbles", "lanterns", "turtles", "mirrors", "pencils",
-                 "anchors"],
-    },
-    "heldout": {
-        "first": ["Ivan", "Mila", "Nora", "Olga", "Petra", "Rosa", "Sven", "Tilda", "Wanda", "Bruno", "Celia",
-                  "Emil"],
-        "last": ["Brennan", "Eriksen", "Marsh", "Okafor", "Pereira", "Rossi", "Schmidt", "Tanaka", "Parsons",
-                 "Whitlock", "Brandt", "Coleman"],
-        "adjective": ["crimson", "wooden", "clever", "distant", "velvet", "hollow", "bitter", "swift"],
-        "noun": ["dolphins", "kettles", "ladders", "parrots", "buttons", "wagons", "spiders", "trumpets"],
-    },
-}
-DIGITS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-FILLER_SENTENCES = [  # short, so a filler can end soon after MIN_FILLER_SEC
-    "The weather was mild this week.",
-    "We walked along the river after lunch.",
-    "The train was late again today.",
-    "The children played cards after dinner.",
-    "The garden needs water every evening.",
-    "My neighbour repairs old bicycles.",
-    "The library closes early on Saturday.",
-    "She painted the kitchen a pale colour.",
-    "Farmers sell fresh bread at the market.",
-    "The meeting took longer than planned.",
-    "He reads the newspaper with a cup of tea.",
-    "On the way home we saw a fox.",
-    "It was a long and calm afternoon.",
-    "The shop on the corner sells good coffee.",
-]
-FILLER_SENTENCES_PER_VOICE_RATE = 5  # each voice x rate draws its fillers from a few sentences (fewer espeak calls)
 
 AUDIOBOOK = """\
 Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do. Once or
@@ -169,9 +116,7 @@ def settings_hash() -> str:
     spec = {"version": VERSION, "voices": VOICES, "wpm": WORDS_PER_MINUTE, "audiobook": AUDIOBOOK,
             "dialogues": DIALOGUES, "gaps": [LEAD_SEC, WORD_GAP_SEC, COMMA_GAP_SEC, SENTENCE_GAP_SEC,
                                               TURN_GAP_SEC, TAIL_SEC, TRIM_THRESHOLD], "vocab": VOCAB_SIZE,
-            "recall": [RECALL_TRAIN_VOICES, RECALL_HELDOUT_VOICES, RECALL_RATES, RECALL_DOCS_PER_VOICE_RATE,
-                       MIN_FILLER_SEC, FRAME_SEC, PART_LEAD_SEC, PART_TAIL_SEC, RECALL_SEED, RECALL_CUES,
-                       RECALL_POOLS, DIGITS, FILLER_SENTENCES, FILLER_SENTENCES_PER_VOICE_RATE]}
+            "recall": [RECALL_VERSION, WORD_UNIT_GAP_SEC, recall_docs().spec()]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -252,137 +197,95 @@ def train_tokenizer(lines: list[str], path: Path) -> None:
     path.write_bytes(model.getvalue())
 
 
-def recall_plan() -> list[dict]:
-    """The spoken-recall documents without audio: split, voice, rate, kind, content A and B, and the filler's
-    candidate sentences (layout takes as many as MIN_FILLER_SEC needs).
+def recall_docs():
+    """`ttt_speech.eval.recall_docs`: what the spoken-recall documents say and how they are laid out (pure Python,
+    imported lazily like the rest of ttt_speech)."""
+    from ttt_speech.eval import recall_docs
 
-    Deterministic (RECALL_SEED). Every voice x rate of a split gets the same number of documents, the kinds take
-    turns, and each digit string is used once over all documents, so no held-out string occurs in training.
-    """
-    import random
-
-    rng = random.Random(RECALL_SEED)
-    used_digits: set[str] = set()
-    docs = []
-
-    def draw(kind: str, pool: dict) -> str:
-        if kind == "name":
-            return f"{rng.choice(pool['first'])} {rng.choice(pool['last'])}"
-        if kind == "phrase":
-            return f"{rng.choice(pool['adjective'])} {rng.choice(pool['noun'])}"
-        while True:
-            digits = " ".join(rng.choice(DIGITS) for _ in range(4))
-            if digits not in used_digits:
-                used_digits.add(digits)
-                return digits
-
-    for split, voices in (("train", RECALL_TRAIN_VOICES), ("heldout", RECALL_HELDOUT_VOICES)):
-        n = 0
-        for rate in RECALL_RATES:
-            for voice in voices:
-                sentences = rng.sample(FILLER_SENTENCES, FILLER_SENTENCES_PER_VOICE_RATE)
-                for _ in range(RECALL_DOCS_PER_VOICE_RATE[split]):
-                    kind = ("name", "digits", "phrase")[n % 3]
-                    a = draw(kind, RECALL_POOLS[split])
-                    b = draw(kind, RECALL_POOLS[split])
-                    while b == a:
-                        b = draw(kind, RECALL_POOLS[split])
-                    docs.append({"split": split, "name": f"doc_{n:03d}", "voice": voice, "rate": rate, "kind": kind,
-                                 "content": a, "unrelated": b,
-                                 "texts": {"first": f"{RECALL_CUES['first']} {a}.",
-                                           "filler": rng.sample(sentences, len(sentences)),
-                                           "repeat": f"{RECALL_CUES['repeat']} {a}.",
-                                           "unrelated": f"{RECALL_CUES['unrelated']} {b}."}})
-                    n += 1
-    return docs
-
-
-def lay_out_part(text: str, voice: str, rate: int, sounds: dict) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
-    """One part of a recall document at ESPEAK_RATE: PART_LEAD_SEC of silence, the words, at least PART_TAIL_SEC
-    of silence, padded to whole Mimi frames. Returns (audio, [(word, start sample, end sample)])."""
-    frame = round(FRAME_SEC * ESPEAK_RATE)
-    t, placed = PART_LEAD_SEC, []
-    for word in text.split():
-        sound = sounds[voice, rate, word]
-        start = round(t * ESPEAK_RATE)
-        placed.append((word, start, start + len(sound), sound))
-        t = (start + len(sound)) / ESPEAK_RATE + gap_after(word)
-    total = -(-(placed[-1][2] + round(PART_TAIL_SEC * ESPEAK_RATE)) // frame) * frame
-    audio = np.zeros(total, np.float32)
-    for _, start, end, sound in placed:
-        audio[start:end] += sound
-    return audio, [(w, a, b) for w, a, b, _ in placed]
-
-
-def build_recall(out: Path, sounds: dict, tokenizer_path: Path) -> dict:
-    """Write the spoken-recall documents, their manifests and `recall.json`; returns its content."""
-    import sentencepiece
-
-    from ttt_speech.data.audio import resample
-    from ttt_speech.data.manifest import Word, write_alignments, write_manifest
-
-    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
-    plan = recall_plan()
-    unknown = sorted({w for d in plan for w in _recall_words(d) if 0 in tokenizer.encode(w)})
-    if unknown:
-        raise RuntimeError(f"recall words with characters the tokenizer does not know (<unk>): {unknown}")
-    listing: dict[str, list] = {"train": [], "heldout": []}
-    documents = []
-    for doc in plan:
-        folder = out / "recall" / doc["split"]
-        folder.mkdir(parents=True, exist_ok=True)
-        chunks, words, parts, spans = [], [], {}, {}
-        offset = 0.0  # seconds; parts are whole frames, so offsets are exact multiples of FRAME_SEC
-        for part, text in doc["texts"].items():
-            if part == "filler":  # the first sentences that last MIN_FILLER_SEC
-                for k in range(1, len(text) + 1):
-                    audio, placed = lay_out_part(" ".join(text[:k]), doc["voice"], doc["rate"], sounds)
-                    if len(audio) >= MIN_FILLER_SEC * ESPEAK_RATE:
-                        break
-                else:
-                    raise RuntimeError(f"recall {doc['split']}/{doc['name']}: all filler sentences last "
-                                       f"{len(audio) / ESPEAK_RATE:.2f} s < MIN_FILLER_SEC {MIN_FILLER_SEC}")
-            else:
-                audio, placed = lay_out_part(text, doc["voice"], doc["rate"], sounds)
-            chunks.append(resample(audio[None], ESPEAK_RATE, SAMPLE_RATE)[0].numpy())
-            duration = len(audio) / ESPEAK_RATE
-            parts[part] = [round(offset, 4), round(offset + duration, 4)]
-            timed = [Word(w, round(offset + a / ESPEAK_RATE, 4), round(offset + b / ESPEAK_RATE, 4), MAIN_SPEAKER)
-                     for w, a, b in placed]
-            words += timed
-            if part != "filler":
-                n_content = len((doc["content"] if part != "unrelated" else doc["unrelated"]).split())
-                spans[part] = [timed[-n_content].start, timed[-1].end]
-            offset += duration
-        wav = folder / f"{doc['name']}.wav"
-        audio = np.concatenate(chunks)
-        pcm = (np.clip(audio, -1, 1) * 32767).round().astype("<i2")
-        with wave.open(str(wav), "wb") as f:
-            f.setnchannels(1)
-            f.setsampwidth(2)
-            f.setframerate(SAMPLE_RATE)
-            f.writeframes(pcm.tobytes())
-        write_alignments(wav.with_suffix(".json"), words)
-        duration = len(pcm) / SAMPLE_RATE
-        listing[doc["split"]].append((wav, duration))
-        documents.append({"path": wav.relative_to(out).as_posix(), "duration": duration,
-                          **{k: doc[k] for k in ("split", "name", "voice", "rate", "kind", "content", "unrelated")},
-                          "parts": parts, "spans": spans})
-    for split, items in listing.items():
-        write_manifest(out / f"recall_{split}.jsonl", items)
-    meta = {"frame_sec": FRAME_SEC, "min_filler_sec": MIN_FILLER_SEC, "cues": RECALL_CUES,
-            "voices": {"train": RECALL_TRAIN_VOICES, "heldout": RECALL_HELDOUT_VOICES}, "rates": RECALL_RATES,
-            "documents": documents}
-    (out / "recall.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return meta
-
-
-def _recall_words(doc: dict) -> list[str]:
-    return [w for part, t in doc["texts"].items() for w in (" ".join(t) if part == "filler" else t).split()]
+    return recall_docs
 
 
 def recall_sounds_needed() -> list[tuple[str, int, str]]:
-    return sorted({(d["voice"], d["rate"], w) for d in recall_plan() for w in _recall_words(d)})
+    rd = recall_docs()
+    return sorted({(v, r, w) for split in ("train", "heldout") for (v, r), words in rd.bank_words(split).items()
+                   for w in words})
+
+
+def word_unit(sound: np.ndarray) -> np.ndarray:
+    """A word's unit at 24 kHz: its sound, resampled on its own, then at least WORD_UNIT_GAP_SEC of silence up to
+    the next Mimi frame boundary."""
+    from ttt_speech.data.audio import resample
+
+    rd = recall_docs()
+    audio = resample(sound[None], ESPEAK_RATE, SAMPLE_RATE)[0].numpy()
+    frames = -(-(len(audio) + round(WORD_UNIT_GAP_SEC * SAMPLE_RATE)) // rd.FRAME_SAMPLES)
+    return np.pad(audio, (0, frames * rd.FRAME_SAMPLES - len(audio))), len(audio)
+
+
+def write_mono(path: Path, audio: np.ndarray) -> float:
+    pcm = (np.clip(audio, -1, 1) * 32767).round().astype("<i2")
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(SAMPLE_RATE)
+        f.writeframes(pcm.tobytes())
+    return len(pcm) / SAMPLE_RATE
+
+
+def build_recall(out: Path, sounds: dict, tokenizer_path: Path) -> dict:
+    """The spoken-recall banks (every word unit of a voice and rate, in one file), the fixed documents (all
+    held-out ones, a few training examples), their manifests, and `recall.json`; returns its content."""
+    import sentencepiece
+
+    from ttt_speech.data.manifest import Word, write_alignments, write_manifest
+
+    rd = recall_docs()
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path))
+    unknown = sorted({w for _, _, w in sounds if 0 in tokenizer.encode(w)})
+    if unknown:
+        raise RuntimeError(f"recall words with characters the tokenizer does not know (<unk>): {unknown}")
+    (out / "recall" / "banks").mkdir(parents=True)
+    banks, units = {}, {}
+    for split in ("train", "heldout"):
+        for (voice, rate), words in sorted(rd.bank_words(split).items()):
+            name = f"{voice}_{rate}"
+            index, chunks, frame = {}, [], 0
+            for w in sorted(words):
+                audio, sound = word_unit(sounds[voice, rate, w])
+                units[voice, rate, w] = (audio, sound)
+                index[w] = [frame, len(audio) // rd.FRAME_SAMPLES, sound]
+                frame += len(audio) // rd.FRAME_SAMPLES
+                chunks.append(audio)
+            path = out / "recall" / "banks" / f"{name}.wav"
+            write_mono(path, np.concatenate(chunks))
+            banks[name] = {"path": path.relative_to(out).as_posix(), "split": split, "voice": voice, "rate": rate,
+                           "units": index}
+    listing: dict[str, list] = {"train": [], "heldout": []}
+    documents = []
+    for split in ("train", "heldout"):
+        (out / "recall" / split).mkdir(parents=True)
+        for doc in rd.fixed_documents(split):
+            index = banks[f"{doc.voice}_{doc.rate}"]["units"]
+            lay = rd.layout(doc, {w: u[1] for w, u in index.items()}, {w: u[2] for w, u in index.items()})
+            audio = np.zeros(lay.frames * rd.FRAME_SAMPLES, np.float32)
+            for kind, what, start in lay.units:
+                if kind == "word":
+                    unit = units[doc.voice, doc.rate, what][0]
+                    audio[start * rd.FRAME_SAMPLES:start * rd.FRAME_SAMPLES + len(unit)] = unit
+            wav = out / "recall" / split / f"{doc.name}.wav"
+            duration = write_mono(wav, audio)
+            write_alignments(wav.with_suffix(".json"), [Word(w, a, b, MAIN_SPEAKER) for w, a, b in lay.words])
+            listing[split].append((wav, duration))
+            documents.append({"path": wav.relative_to(out).as_posix(), "duration": duration, "split": split,
+                              "name": doc.name, "voice": doc.voice, "rate": doc.rate, "kind": doc.kind,
+                              "content": doc.content, "unrelated": doc.unrelated, "fillers": list(doc.fillers),
+                              "parts": {p: [round(a * rd.FRAME_SEC, 4), round(b * rd.FRAME_SEC, 4)]
+                                        for p, (a, b) in lay.parts.items()},
+                              "spans": {m: list(span) for m, span in lay.spans.items()}})
+        write_manifest(out / f"recall_{split}.jsonl", listing[split])
+    meta = {"version": RECALL_VERSION, "spec": rd.spec(), "banks": banks, "documents": documents}
+    (out / "recall.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
 
 
 def build(out: Path) -> dict:
@@ -421,8 +324,8 @@ def build(out: Path) -> dict:
     train_tokenizer(lines, out / "tokenizer.model")
     recall = build_recall(out, recall_sounds, out / "tokenizer.model")
     return {"dialogues": [d for _, d in listing], "audiobook": book_duration,
-            "recall": {split: round(sum(d["duration"] for d in recall["documents"] if d["split"] == split), 1)
-                       for split in ("train", "heldout")}}
+            "recall": {"banks": len(recall["banks"]), **{split: sum(d["split"] == split for d in recall["documents"])
+                                                         for split in ("train", "heldout")}}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -455,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"samples: wrote {out} ({size / 2**20:.1f} MiB, {len(durations['dialogues'])} dialogues of "
-          f"{sum(durations['dialogues']):.0f} s, audiobook of {durations['audiobook']:.0f} s, spoken-recall documents "
-          f"of {durations['recall']['train']:.0f} s (train) and {durations['recall']['heldout']:.0f} s (held out)) "
+          f"{sum(durations['dialogues']):.0f} s, audiobook of {durations['audiobook']:.0f} s, spoken recall: "
+          f"{durations['recall']['banks']} word banks, {durations['recall']['heldout']} held-out and "
+          f"{durations['recall']['train']} example training documents) "
           f"in {time.monotonic() - started:.1f} s")
     return 0
 

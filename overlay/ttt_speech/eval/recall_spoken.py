@@ -1,28 +1,31 @@
 """The spoken-recall benchmark: does a Moshi-shaped model recall *speech* heard further back than it can attend?
 
-`make samples` (`scripts/make_samples.py`) writes documents spoken by espeak-ng voices at several rates, in four
-parts that each start on a Mimi frame boundary:
+Documents (`eval.recall_docs`; audio by `make samples`) are spoken by one espeak-ng voice at one rate:
 
-    "Please remember <A>."  |  filler sentences (>= 6 s)  |  "Again, <A>."  |  "And now <B>."
+    "Please remember <A>."  |  filler sentences (>= 4 s)  |  "Again, <A>."  |  "And now <B>."
 
-A and B are a name, a spoken digit string or a short phrase. The held-out documents use voices and content
-(names, phrase words, digit strings) that no training document uses (`recall.json` records both).
+A and B are a name, a spoken digit string or a short phrase. Held-out documents use voices and content (names,
+phrase words, digit strings) that training never uses.
 
-Streams: the text stream from the exact word alignments (`data.interleave`, Moshi's inner monologue), and Mimi codes
-(tiny-random by default, real Mimi given its weights) of the main channel (the right channel is silence). Each part
-is encoded with a fresh Mimi state, so nothing about A reaches the filler's codes through Mimi's own context
-(tiny Mimi: 64 frames; the real one: 250 per layer). `load_documents` checks, per document, that the first mention
-(its codes and text tokens) ends more than the model's receptive field before the repeat starts; the test suite
-checks that the window model's logits on the repeat are then bit-identical when the first mention is replaced.
+Streams: the text stream from the exact word alignments (`data.interleave`, Moshi's inner monologue), and Mimi
+codes (tiny-random by default, real Mimi given its weights) of the main channel; the user channel is silence. Every
+word is a unit on Mimi frame boundaries, encoded from a fresh Mimi state (`Banks`), so a document's codes are its
+units' codes put end to end: training draws a new document every step (`TrainingDocuments`) from the training
+voices, rates and content, so a small model cannot learn a fixed set by heart, and nothing about A reaches later
+frames through Mimi's own context (tiny Mimi: 64 frames; the real one: 250 per layer). `make_document` checks that
+the first mention (its codes and text tokens) ends more than the model's receptive field before the repeat starts;
+the test suite checks that the window model's logits on the repeat are then bit-identical when the first mention
+is replaced.
 
-Scored, per document (`score_document`): the NLL on the content of each mention, text (the content's tokens only,
-not padding) and audio (the mean over the main speaker's codebooks, on the frames the content is spoken):
-"first" (A the first time), "repeat" (A again, past the window: the recall), "unrelated" (B, new content at the
-end). A model with memory has repeat < unrelated ~ first; one without has repeat ~ unrelated ~ first.
+Scored, per held-out document (`score_document`): the NLL on the content of each mention, text (the content's
+tokens, not padding) and audio (the mean over the predicted codebooks of the main speaker, on the frames the
+content is spoken): "first" (A the first time), "repeat" (A again, past the window: the recall), "unrelated" (B,
+new content at the end). A model with memory has repeat < unrelated ~ first; one without has all three alike.
 
 Statistics: per (variant, seed), the mean over held-out documents; across seeds the mean with a Student-t 95% CI,
-paired differences against the window model per seed, gap closed per seed (as `eval.recall`). For a single seed
-(the quickstart), the paired difference per document with a cluster-bootstrap CI over held-out voices.
+paired differences against the window model per seed, gap closed per seed (`eval.recall.summarize`). Per seed
+also the per-document paired difference with a cluster-bootstrap CI over held-out voices (what the quickstart,
+which trains one seed, reports).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +52,8 @@ from ttt_speech.data.interleave import (
     start_frame,
     tokenize_words,
 )
-from ttt_speech.data.manifest import MAIN_SPEAKER, read_alignments
+from ttt_speech.data.manifest import MAIN_SPEAKER, Word
+from ttt_speech.eval import recall_docs as rd
 from ttt_speech.eval.nll import frame_nll
 from ttt_speech.eval.recall import receptive_field
 from ttt_speech.eval.stats import Estimate, cluster_bootstrap, paired_differences
@@ -56,8 +61,10 @@ from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, t
 from ttt_speech.train.loss import moshi_loss
 
 FRAME_RATE = 12.5
-MENTIONS = ("first", "repeat", "unrelated")
+MENTIONS = rd.MENTIONS
 VARIANTS = ("window", "full", "inplace", "inplace_next", "ttt_linear", "ttt_mlp")
+CODES_VERSION = 1  # of `Banks`' encoding, in its cache key
+SILENCE_FRAMES = 1024  # the longest document (frames)
 
 
 @dataclasses.dataclass
@@ -66,13 +73,15 @@ class SpokenRecallConfig:
 
     Args:
         context: attention context of the main transformer (frames); its receptive field must end before every
-            document's repeat (checked when loading).
+            document's repeat (checked per document).
         dim, layers, hidden_scale: the tiny Moshi (16 codebooks in, depformer) otherwise as `TINY_LM_KWARGS`.
         dep_q, depformer_layers: codebooks the depformer predicts (the first `dep_q` of the main speaker's 8; the
             rest are inputs only, as the user's are) and its depth: fewer is cheaper on a CPU.
-        ttt_layers, chunk, inplace_lr, target: as `eval.recall.RecallConfig`.
-        steps, batch, lr, warmup: AdamW on whole training documents (padded to the longest of the batch).
-        first_codebook_weight_multiplier, text_padding_weight: moshi-finetune's loss weights.
+        ttt_layers, chunk, inplace_lr, target, block_base_lr, block_gate_init: as `eval.recall.RecallConfig`.
+        steps, batch, lr, warmup: AdamW on `batch` freshly drawn training documents per step.
+        first_codebook_weight_multiplier, text_padding_weight: moshi-finetune's loss weights. Codebook 0 is not
+            up-weighted (moshi-finetune: 100): tiny-random Mimi's codes are mostly unpredictable, and at 100x their
+            loss would dominate the clipped gradient and slow the text down.
     """
 
     context: int = 10
@@ -91,7 +100,7 @@ class SpokenRecallConfig:
     batch: int = 8
     lr: float = 3e-3
     warmup: int = 30
-    first_codebook_weight_multiplier: float = 100.0
+    first_codebook_weight_multiplier: float = 1.0
     text_padding_weight: float = 0.5
 
     def __post_init__(self) -> None:
@@ -133,7 +142,6 @@ class SpokenDoc:
     """
 
     name: str
-    split: str
     voice: str
     rate: int
     kind: str
@@ -145,121 +153,146 @@ class SpokenDoc:
 
     @property
     def distance(self) -> int:
-        """Frames from the last frame carrying the first mention to the repeat."""
+        """Frames from the last frame carrying the first mention to the start of the repeat."""
         return self.repeat_start - (self.first_info_end - 1)
 
 
-def _frame(sec: float) -> int:
-    return int(round(sec * FRAME_RATE))
-
-
-def _samples_meta(samples: Path) -> dict[str, Any]:
+def _recall_meta(samples: Path) -> dict[str, Any]:
     path = samples / "recall.json"
     if not path.is_file():
         raise FileNotFoundError(f"no spoken-recall documents at {path}: run `make samples`")
-    return json.loads(path.read_text())
+    meta = json.loads(path.read_text())
+    if meta.get("spec") != json.loads(json.dumps(rd.spec())):
+        raise ValueError(f"{path} was made for other documents than ttt_speech.eval.recall_docs describes: run "
+                         "`make samples` again")
+    return meta
 
 
-PARTS = ("first", "filler", "repeat", "unrelated")
-CODES_VERSION = 1  # of `encode_parts`, in the cache key
-
-
-def encode_parts(mimi, wavs: Sequence[torch.Tensor],
-                 parts: Sequence[dict[str, tuple[float, float]]]) -> list[torch.Tensor]:
-    """Mimi codes of mono documents, each part encoded from a fresh Mimi state: per document [2 K, F] (its K
-    codebooks, then the silent user channel's).
-
-    The same part of every document is encoded in one batch, zero-padded at the end: Mimi's streaming encoder is
-    causal, so the padding changes none of a part's own frames. The silent user channel is encoded once.
+class Banks:
+    """The Mimi codes of every word unit of every voice and rate (`recall/banks/*.wav`), and of silence, each
+    unit encoded from a fresh Mimi state. Cached in `cache` (a folder) per sample set and Mimi.
 
     Args:
-        wavs: per document, audio of shape [S] at 24 kHz.
-        parts: per document, {part: (start, end)} in seconds, on Mimi frame boundaries.
+        samples: the sample set (`make samples`).
+        mimi: "tiny-random" or real Mimi weights.
+        batch: units encoded per Mimi call (zero-padded at the end: Mimi's streaming encoder is causal, so the
+            padding changes none of a unit's frames).
     """
-    from ttt_speech.integrations.mimi import FRAME_SIZE, SAMPLE_RATE, encode
 
-    per_part = []
-    for name in PARTS:
-        pieces = []
-        for wav, spans in zip(wavs, parts, strict=True):
-            a, b = (round(x * SAMPLE_RATE) for x in spans[name])
-            if a % FRAME_SIZE or b % FRAME_SIZE:
-                raise ValueError(f"part {name} {spans[name]} s is not on Mimi frame boundaries ({FRAME_SIZE} samples)")
-            pieces.append(wav[a:b])
-        longest = max(p.shape[0] for p in pieces)
-        batch = torch.zeros(len(pieces), longest)
-        for i, p in enumerate(pieces):
-            batch[i, :p.shape[0]] = p
-        codes = encode(mimi, batch)  # [N, K, F_max]
-        per_part.append([codes[i, :, :p.shape[0] // FRAME_SIZE] for i, p in enumerate(pieces)])
-    # the user channel is silence: its codes from a fresh state are a prefix of one long silence's
-    longest = max(c.shape[-1] for doc_parts in per_part for c in doc_parts)
-    silence = encode(mimi, torch.zeros(1, longest * FRAME_SIZE))[0]  # [K, F]
-    per_part = [[torch.cat([c, silence[:, :c.shape[-1]]]) for c in doc_parts] for doc_parts in per_part]
-    return [torch.cat(doc_parts, dim=-1) for doc_parts in zip(*per_part, strict=True)]
+    def __init__(self, samples: str | Path, mimi: str = "tiny-random", cache: str | Path | None = None,
+                 batch: int = 64, only: Sequence[tuple[str, int]] | None = None) -> None:
+        import sentencepiece
 
+        from ttt_speech.data.codes import mimi_spec_id
 
-def load_documents(samples: str | Path, split: str, mimi: str = "tiny-random", cache: str | Path | None = None,
-                   receptive: int | None = None) -> list[SpokenDoc]:
-    """The documents of `split` ("train" or "heldout") with their streams; Mimi codes cached in `cache` (a folder).
+        self.samples = Path(samples)
+        self.meta = _recall_meta(self.samples)
+        if only is not None:  # a subset of the banks (tests)
+            keep = {(v, r) for v, r in only}
+            self.meta["banks"] = {k: b for k, b in self.meta["banks"].items() if (b["voice"], b["rate"]) in keep}
+        self.tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(self.samples / "tokenizer.model"))
+        self.index = {(b["voice"], b["rate"]): b["units"] for b in self.meta["banks"].values()}
+        self.train_keys = sorted(k for k, b in zip(self.index, self.meta["banks"].values(), strict=True)
+                                 if b["split"] == "train")
+        stamp = json.loads((self.samples / "samples.json").read_text())["settings"]
+        key = hashlib.sha256(f"{CODES_VERSION}/{stamp}/{mimi_spec_id(mimi)}/{sorted(self.index)}".encode()
+                             ).hexdigest()[:16]
+        path = None if cache is None else Path(cache) / f"recall-banks-{key}.pt"
+        if path is not None and path.is_file():
+            saved = torch.load(path)
+        else:
+            saved = self._encode(mimi, batch)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(saved, path)
+        self.units = {(v, r): words for (v, r), words in zip(self.index, saved["units"], strict=True)}
+        self.silence = saved["silence"].long()  # [K, SILENCE_FRAMES]
 
-    Args:
-        receptive: the model's receptive field in frames: a document whose first mention ends within it of the
-            repeat is an error (the window model could hear A).
-    """
-    import sentencepiece
-
-    from ttt_speech.data.audio import load_audio
-    from ttt_speech.data.codes import mimi_spec_id
-
-    samples = Path(samples)
-    meta = _samples_meta(samples)
-    docs_meta = [d for d in meta["documents"] if d["split"] == split]
-    if not docs_meta:
-        raise ValueError(f"{samples / 'recall.json'}: no documents in split {split!r}")
-    stamp = json.loads((samples / "samples.json").read_text())["settings"]
-    key = hashlib.sha256(f"{CODES_VERSION}/{stamp}/{mimi_spec_id(mimi)}/{split}".encode()).hexdigest()[:16]
-    cache_file = None if cache is None else Path(cache) / f"recall-codes-{split}-{key}.pt"
-    if cache_file is not None and cache_file.is_file():
-        codes = torch.load(cache_file)
-    else:
-        from ttt_speech.integrations.mimi import SAMPLE_RATE, load_mimi
+    def _encode(self, mimi: str, batch: int) -> dict[str, Any]:
+        from ttt_speech.data.audio import load_audio
+        from ttt_speech.integrations.mimi import encode as mimi_encode
+        from ttt_speech.integrations.mimi import load_mimi
 
         model = load_mimi(mimi)
-        wavs = [load_audio(samples / d["path"], SAMPLE_RATE)[0] for d in docs_meta]  # [S] each, mono
-        encoded = encode_parts(model, wavs, [{p: tuple(d["parts"][p]) for p in PARTS} for d in docs_meta])
-        codes = {d["name"]: c.to(torch.int16) for d, c in zip(docs_meta, encoded, strict=True)}
-        if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(codes, cache_file)
-    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(samples / "tokenizer.model"))
-    docs = []
-    for d in docs_meta:
-        audio = codes[d["name"]].long()
-        F = audio.shape[-1]
-        words = read_alignments((samples / d["path"]).with_suffix(".json"))
-        text = torch.tensor(interleave_text(tokenize_words(tokenizer, words, MAIN_SPEAKER), F, FRAME_RATE))
-        stream = torch.cat([text[None], audio]).to(torch.long)
+        pieces = []  # (bank number, word, audio [S])
+        for n, bank in enumerate(self.meta["banks"].values()):
+            audio = load_audio(self.samples / bank["path"], rd.SAMPLE_RATE)[0]
+            for word, (start, frames, _) in bank["units"].items():
+                pieces.append((n, word, audio[start * rd.FRAME_SAMPLES:(start + frames) * rd.FRAME_SAMPLES]))
+        pieces.sort(key=lambda p: p[2].shape[0])
+        codes: list[dict[str, torch.Tensor]] = [{} for _ in self.meta["banks"]]
+        for i in range(0, len(pieces), batch):
+            group = pieces[i:i + batch]
+            x = torch.zeros(len(group), group[-1][2].shape[0])
+            for j, (_, _, a) in enumerate(group):
+                x[j, :a.shape[0]] = a
+            c = mimi_encode(model, x)  # [b, K, F]
+            for j, (n, word, a) in enumerate(group):
+                codes[n][word] = c[j, :, :a.shape[0] // rd.FRAME_SAMPLES].to(torch.int16)
+        silence = mimi_encode(model, torch.zeros(1, SILENCE_FRAMES * rd.FRAME_SAMPLES))[0].to(torch.int16)
+        return {"units": codes, "silence": silence}
+
+    def layout(self, plan: rd.DocumentPlan) -> rd.Layout:
+        index = self.index[plan.voice, plan.rate]
+        return rd.layout(plan, {w: u[1] for w, u in index.items()}, {w: u[2] for w, u in index.items()})
+
+    def document(self, plan: rd.DocumentPlan, receptive: int | None = None) -> SpokenDoc:
+        """The stream of `plan` and its scored frames.
+
+        Args:
+            receptive: the model's receptive field in frames: a document whose first mention ends within it of the
+                repeat is an error (the window model could hear A).
+        """
+        lay = self.layout(plan)
+        if lay.frames > SILENCE_FRAMES:
+            raise ValueError(f"document {plan.name} has {lay.frames} frames, more than {SILENCE_FRAMES}")
+        units = self.units[plan.voice, plan.rate]
+        main = torch.cat([units[what].long() if kind == "word" else self.silence[:, :what]
+                          for kind, what, _ in lay.units], dim=-1)  # [K, F]
+        F = lay.frames
+        words = [Word(w, a, b, MAIN_SPEAKER) for w, a, b in lay.words]
+        text = torch.tensor(interleave_text(tokenize_words(self.tokenizer, words, MAIN_SPEAKER), F, FRAME_RATE))
+        stream = torch.cat([text[None], main, self.silence[:, :F]]).to(torch.long)  # [1 + 2K, F]
         is_content = [int(x) not in (TEXT_PAD, END_OF_TEXT_PAD) for x in text]
         text_frames, audio_frames = {}, {}
         for m, next_part in zip(MENTIONS, ("filler", "unrelated", None), strict=True):
-            s, e = d["spans"][m]
+            s, e = lay.spans[m]
             lo = start_frame(s, FRAME_RATE)
             # the mention's tokens run until the next word starts (interleave drops what is left then)
-            later = [w.start for w in words if next_part is not None and w.start >= d["parts"][next_part][0]]
+            bound = math.inf if next_part is None else lay.parts[next_part][0] * rd.FRAME_SEC
+            later = [a for _, a, _ in lay.words if a >= bound]
             hi = start_frame(min(later), FRAME_RATE) if later else F
             text_frames[m] = [t for t in range(lo, hi) if is_content[t]]
             audio_frames[m] = (lo, min(F, math.ceil(e * FRAME_RATE - 1e-6)))
-        # the first part's codes end at the filler; its text tokens may run a frame or two into the filler's lead
-        first_info_end = max(_frame(d["parts"]["filler"][0]), text_frames["first"][-1] + 1)
-        doc = SpokenDoc(d["name"], split, d["voice"], d["rate"], d["kind"], stream, text_frames, audio_frames,
+        # the first part's codes end where the filler starts; its text tokens may run into the filler's lead
+        first_info_end = max(lay.parts["filler"][0], text_frames["first"][-1] + 1)
+        doc = SpokenDoc(plan.name, plan.voice, plan.rate, plan.kind, stream, text_frames, audio_frames,
                         first_info_end, text_frames["repeat"][0])
         if receptive is not None and doc.distance <= receptive:
-            raise ValueError(f"{samples / d['path']}: the repeat starts {doc.distance} frames after the first "
-                             f"mention ends, within the model's receptive field of {receptive} frames; the window "
-                             "model could hear it. Lower the context or lengthen the filler (MIN_FILLER_SEC)")
-        docs.append(doc)
-    return docs
+            raise ValueError(f"spoken-recall document {plan.split}/{plan.name} ({plan.voice}, {plan.rate} wpm): the "
+                             f"repeat starts {doc.distance} frames after the first mention ends, within the model's "
+                             f"receptive field of {receptive} frames; the window model could hear it. Lower the "
+                             "context or lengthen the filler (recall_docs.MIN_FILLER_SEC)")
+        return doc
+
+    def heldout(self, receptive: int | None = None, limit: int | None = None) -> list[SpokenDoc]:
+        """The held-out documents (those `make samples` wrote), in order; the first `limit` of them."""
+        return [self.document(plan, receptive) for plan in rd.fixed_documents("heldout")[:limit]]
+
+
+class TrainingDocuments:
+    """New training documents, drawn from the training voices, rates and content by a seeded generator."""
+
+    def __init__(self, banks: Banks, seed: int, receptive: int | None = None) -> None:
+        self.banks, self.receptive = banks, receptive
+        self.rng = random.Random(seed)
+        self.exclude = rd.heldout_digit_strings()
+
+    def draw(self) -> SpokenDoc:
+        rng = self.rng
+        voice, rate = rng.choice(self.banks.train_keys)
+        plan = rd.draw_document(rng, "train", voice, rate, rng.choice(rd.KINDS), exclude=self.exclude)
+        return self.banks.document(plan, self.receptive)
 
 
 def build_variant(variant: str, cfg: SpokenRecallConfig, seed: int) -> torch.nn.Module:
@@ -283,23 +316,19 @@ def collate(docs: Sequence[SpokenDoc]) -> torch.Tensor:
                         for d in docs])
 
 
-def train(model: torch.nn.Module, docs: Sequence[SpokenDoc], cfg: SpokenRecallConfig, seed: int,
+def train(model: torch.nn.Module, docs: TrainingDocuments, cfg: SpokenRecallConfig,
           progress: str | None = None) -> dict[str, list[float]]:
-    """AdamW on whole training documents, `cfg.batch` per step, in an order that depends on `seed` only. Returns
-    the per-step loss and the text NLL on the repeats of each step's batch."""
+    """AdamW on `cfg.batch` new documents per step. Returns the per-step loss and the text NLL on the repeats of
+    each step's batch (documents never seen before: the curve is held-out with respect to the documents, not to
+    the voices and content)."""
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed + 1)
-    order: list[int] = []
     curve: dict[str, list[float]] = {"loss": [], "repeat_text_nll": []}
     model.train()
     t0 = time.perf_counter()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        while len(order) < cfg.batch:
-            order += torch.randperm(len(docs), generator=g).tolist()
-        batch = [docs[i] for i in order[:cfg.batch]]
-        del order[:cfg.batch]
+        batch = [docs.draw() for _ in range(cfg.batch)]
         codes = collate(batch)
         out = model(codes)
         loss, _ = moshi_loss(out, codes, text_padding_id=TEXT_PAD,
@@ -345,10 +374,10 @@ def evaluate(model: torch.nn.Module, docs: Sequence[SpokenDoc]) -> dict[str, lis
 SCORES = [f"{s}_{m}" for s in ("text", "audio") for m in MENTIONS]
 
 
-def run_one(variant: str, seed: int, cfg: SpokenRecallConfig, train_docs: Sequence[SpokenDoc],
-            eval_docs: Sequence[SpokenDoc], out: Path | None = None, progress: bool = False) -> dict[str, Any]:
-    """Train one (variant, seed) on `train_docs` and score it on `eval_docs`; written to
-    `out/runs/<variant>-s<seed>.json` when `out` is given (reused when its config matches)."""
+def run_one(variant: str, seed: int, cfg: SpokenRecallConfig, banks: Banks, eval_docs: Sequence[SpokenDoc],
+            out: Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train one (variant, seed) on documents drawn with `seed` and score it on `eval_docs`; written to
+    `out/runs/<variant>-s<seed>.json` when `out` is given (reused when its config and documents match)."""
     path = None if out is None else Path(out) / "runs" / f"{variant}-s{seed}.json"
     if path is not None and path.is_file():
         done = json.loads(path.read_text())
@@ -356,7 +385,9 @@ def run_one(variant: str, seed: int, cfg: SpokenRecallConfig, train_docs: Sequen
             return done
     t0 = time.perf_counter()
     model = build_variant(variant, cfg, seed)
-    curve = train(model, train_docs, cfg, seed, progress=f"{variant} seed {seed}" if progress else None)
+    receptive = receptive_field(cfg.lm_kwargs("window"))
+    curve = train(model, TrainingDocuments(banks, seed, receptive), cfg,
+                  progress=f"{variant} seed {seed}" if progress else None)
     result = {"variant": variant, "seed": seed, "config": cfg.to_dict(),
               "train_seconds": round(time.perf_counter() - t0, 1), "curve": curve,
               "documents": [d.name for d in eval_docs], "voices": [d.voice for d in eval_docs],
@@ -485,13 +516,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for v in args.variants:
         cfg.ttt_config(v)
     rf = receptive_field(cfg.lm_kwargs("window"))
-    train_docs = load_documents(args.samples, "train", args.mimi, cache=args.out / "codes", receptive=rf)
-    eval_docs = load_documents(args.samples, "heldout", args.mimi, cache=args.out / "codes", receptive=rf)
-    print(f"spoken recall: {len(train_docs)} training documents, {len(eval_docs)} held-out (voices "
-          f"{sorted({d.voice for d in eval_docs})}); window receptive field {rf} frames, closest repeat "
-          f"{min(d.distance for d in [*train_docs, *eval_docs])} frames after its first mention", flush=True)
-    results = [run_one(v, s, cfg, train_docs, eval_docs, args.out, progress=True)
-               for s in args.seeds for v in args.variants]
+    banks = Banks(args.samples, args.mimi, cache=args.out / "codes")
+    eval_docs = banks.heldout(rf)
+    print(f"spoken recall: {len(eval_docs)} held-out documents (voices {sorted({d.voice for d in eval_docs})}); "
+          f"window receptive field {rf} frames, closest repeat {min(d.distance for d in eval_docs)} frames after "
+          f"its first mention; {cfg.steps} steps x {cfg.batch} new training documents", flush=True)
+    results = [run_one(v, s, cfg, banks, eval_docs, args.out, progress=True) for s in args.seeds for v in args.variants]
     summary = summarize(results)
     print(format_tables(summary))
     report = {"config": cfg.to_dict(), "mimi": args.mimi, "receptive_field": rf, "seeds": args.seeds,

@@ -1,0 +1,103 @@
+"""The spoken-recall benchmark (`ttt_speech.eval.recall_spoken`, documents by `make samples`): the window model
+cannot hear the first mention from the repeat, documents composed from word units equal the files `make samples`
+wrote, training never draws held-out voices or content, and the paired statistics."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ttt_speech.data.interleave import interleave_text, tokenize_words
+from ttt_speech.data.manifest import MAIN_SPEAKER, read_alignments
+from ttt_speech.eval import recall_docs as rd
+from ttt_speech.eval import recall_spoken as rs
+from ttt_speech.eval.recall import receptive_field
+
+SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
+# small model: receptive field 4 x (10 - 1) + 2 = 38 frames, as the benchmark's
+SMALL = dict(dim=32, batch=2, steps=2, lr=1e-2, warmup=1)
+
+
+@pytest.fixture(scope="module")
+def banks() -> rs.Banks:
+    if not (SAMPLES / "recall.json").is_file():
+        pytest.fail(f"sample set missing at {SAMPLES}: run `make samples`", pytrace=False)
+    first = rd.fixed_documents("heldout")[0]
+    torch.set_num_threads(1)
+    return rs.Banks(SAMPLES, only=[(first.voice, first.rate), (rd.VOICES["train"][0], rd.RATES[0])])
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["init", "trained"])
+def test_window_model_cannot_hear_the_first_mention(banks, trained: bool) -> None:
+    cfg = rs.SpokenRecallConfig(**SMALL)
+    rf = receptive_field(cfg.lm_kwargs("window"))
+    doc = banks.heldout(rf, limit=1)[0]
+    assert doc.distance > rf == 38
+    g = torch.Generator().manual_seed(0)
+    swapped = doc.stream.clone()  # every stream of the first mention replaced by other tokens
+    swapped[0, :doc.first_info_end] = torch.randint(4, 96, (doc.first_info_end,), generator=g)
+    swapped[1:, :doc.first_info_end] = torch.randint(0, 48, (16, doc.first_info_end), generator=g)
+    lo, hi = doc.audio_frames["repeat"]
+    frames = sorted(set(doc.text_frames["repeat"]) | set(range(lo, hi)))
+    for variant in ("window", "full"):
+        model = rs.build_variant(variant, cfg, seed=0)
+        if trained:
+            rs.train(model, rs.TrainingDocuments(banks, seed=0, receptive=rf), cfg)
+        with torch.no_grad():
+            a, b = model(doc.stream[None]), model(swapped[None])
+        same = (torch.equal(a.text_logits[..., frames, :], b.text_logits[..., frames, :])
+                and torch.equal(a.logits[..., frames, :].nan_to_num(), b.logits[..., frames, :].nan_to_num()))
+        assert same == (variant == "window")
+
+
+def test_documents_equal_the_files_make_samples_wrote(banks) -> None:
+    """The text stream composed from word units equals the one the data pipeline builds from the written
+    alignments, and the parts are those of recall.json."""
+    meta = rs._recall_meta(SAMPLES)
+    written = {d["name"]: d for d in meta["documents"] if d["split"] == "heldout"}
+    plan = rd.fixed_documents("heldout")[0]
+    doc = banks.document(plan)
+    lay = banks.layout(plan)
+    entry = written[plan.name]
+    assert {p: [round(a * rd.FRAME_SEC, 4), round(b * rd.FRAME_SEC, 4)] for p, (a, b) in lay.parts.items()} \
+        == entry["parts"]
+    assert lay.frames * rd.FRAME_SEC == pytest.approx(entry["duration"])
+    words = read_alignments((SAMPLES / entry["path"]).with_suffix(".json"))
+    text = interleave_text(tokenize_words(banks.tokenizer, words, MAIN_SPEAKER), lay.frames)
+    assert doc.stream[0].tolist() == text
+    assert doc.stream.shape == (17, lay.frames)
+    # the scored text frames hold the content's tokens: the same tokens in the first mention and the repeat
+    first = doc.stream[0, doc.text_frames["first"]].tolist()
+    assert first == doc.stream[0, doc.text_frames["repeat"]].tolist() and len(first) >= 4
+    assert first == [t for w in plan.content.split()[:-1] + [plan.content.split()[-1] + "."]
+                     for t in banks.tokenizer.encode(w)]
+    # the user channel is silence, and so are the silent units of the main channel
+    assert (doc.stream[9:] == banks.silence[:, :lay.frames]).all()
+
+
+def test_training_draws_no_heldout_voice_or_content(banks) -> None:
+    heldout = rd.fixed_documents("heldout")
+    words = {w for d in heldout if d.kind != "digits" for c in (d.content, d.unrelated) for w in c.split()}
+    strings = rd.heldout_digit_strings()
+    assert len(strings) == 2 * sum(d.kind == "digits" for d in heldout)
+    rng = random.Random(0)
+    for _ in range(300):
+        plan = rd.draw_document(rng, "train", rd.VOICES["train"][0], 140, rng.choice(rd.KINDS), exclude=strings)
+        assert plan.content not in strings and plan.unrelated not in strings and plan.content != plan.unrelated
+        assert not {w.rstrip(".") for c in (plan.content, plan.unrelated) for w in c.split()} & words
+    assert all(v in rd.VOICES["train"] for v, _ in banks.train_keys)
+    drawn = [[d.draw() for _ in range(4)] for d in (rs.TrainingDocuments(banks, 0), rs.TrainingDocuments(banks, 0))]
+    assert all(d.voice in rd.VOICES["train"] for d in drawn[0])
+    assert all(torch.equal(a.stream, b.stream) for a, b in zip(*drawn, strict=True))  # seeded
+
+
+def test_paired_by_document() -> None:
+    docs, voices = ["a", "b", "c", "d"], ["v1", "v1", "v2", "v3"]
+    ttt = {"documents": docs, "voices": voices, "text_repeat": [1.0, 2.0, 3.0, 4.0]}
+    window = {"documents": docs, "voices": voices, "text_repeat": [2.0, 2.5, 3.5, 4.0]}
+    est = rs.paired_by_document(ttt, window)
+    assert est.mean == pytest.approx(np.mean([-1.0, -0.5, -0.5, 0.0])) and est.n == 4 and est.n_clusters == 3
+    with pytest.raises(ValueError, match="same documents"):
+        rs.paired_by_document(ttt, {**window, "documents": docs[::-1]})
