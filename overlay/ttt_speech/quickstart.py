@@ -76,9 +76,12 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
     print(f"[2/5] sample set {SAMPLES}: dialogues (stereo) and audiobook (mono), Mimi codes in {out / 'codes'}")
 
     config = REPO / "configs" / "tiny.yaml"
+    # 8 s crops: 100 frames, 12 chunk updates of 8, far past the 32-frame window. The evaluation runs 2900 frames
+    # (360 chunks): `ttt.decay` 0.9 (a horizon of ~10 chunks) keeps the fast weight in the range training visits
+    # (unbounded, the paper's rule, the TTT model's NLL rose with position; docs/moshi_ttt.md, "The recipe")
     common = [f"--data.train_data={SAMPLES / 'dialogues.jsonl'}", f"--data.tokenizer={SAMPLES / 'tokenizer.model'}",
               f"--data.codes_dir={codes['dialogues']}", "--duration_sec=8.0", f"--max_steps={steps}",
-              f"--ckpt_freq={max(1, steps // 2)}", "--log_freq=1", f"--seed={seed}"]
+              f"--ckpt_freq={max(1, steps // 2)}", "--log_freq=1", f"--seed={seed}", "--ttt.decay=0.9"]
     ttt_dir, base_dir = out / "ttt", out / "base"
     local = SlurmConfig(cluster="local", time_min=30)
     first = submit(str(config), [*common, f"--run_dir={ttt_dir}", f"--stop_after={steps // 2}"], local).result()
