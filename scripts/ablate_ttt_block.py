@@ -87,7 +87,16 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> dict[str, Any]:
-    runs = [json.loads(p.read_text()) for p in sorted((args.out / "runs").glob("*.json"))]
+    """Runs from `--runs` folders (default `<out>/runs`); a run trained for other than the benchmark's steps is
+    named `<variant>@<steps>`."""
+    default_steps = recall.RecallConfig().steps
+    runs = []
+    for folder in args.runs or [args.out / "runs"]:
+        for path in sorted(Path(folder).glob("*.json")):
+            run = json.loads(path.read_text())
+            if run["config"]["steps"] != default_steps:
+                run["variant"] = f"{run['variant']}@{run['config']['steps']}"
+            runs.append(run)
     if args.variants:
         order = {v: i for i, v in enumerate(args.variants)}
         runs = sorted((r for r in runs if r["variant"] in order), key=lambda r: (order[r["variant"]], r["seed"]))
@@ -96,10 +105,16 @@ def cmd_summary(args: argparse.Namespace) -> dict[str, Any]:
     summary = recall.summarize(runs)
     steps = {r["variant"]: r["config"]["steps"] for r in runs}
     cfg = AblationConfig(**{k: v for k, v in runs[0]["config"].items() if k != "steps"})
+    other = sorted({k for r in runs for k, v in r["config"].items() if k != "steps" and v != cfg.to_dict()[k]})
+    if other:
+        raise ValueError(f"runs differ in more than their steps: {other}")
     print(recall.format_table(summary, cfg.chance))
     print()
     print(markdown(summary, steps))
-    report = {"summary": summary, "steps": steps, "configs": {r["variant"]: r["config"] for r in runs}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"config": cfg.to_dict(), "steps": steps, "summary": summary,
+              "ci_method": "per-seed means over the fixed evaluation sequences, then Student t over seeds; paired "
+                           "differences and gap closed computed per seed first"}
     (args.out / "ablation.json").write_text(json.dumps(report, indent=1) + "\n")
     recall.plot(runs, summary, cfg, args.out / "ablation.png")
     print(f"wrote {args.out / 'ablation.json'} and {args.out / 'ablation.png'}")
@@ -134,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--out", type=Path, default=Path("bench/ttt_block_ablation"))
     summ = sub.add_parser("summary", help="table, JSON and curves of every run under --out")
     summ.add_argument("--out", type=Path, default=Path("bench/ttt_block_ablation"))
-    summ.add_argument("--variants", nargs="+", default=None)
+    summ.add_argument("--variants", nargs="+", default=None, help="only these (named as printed), in this order")
+    summ.add_argument("--runs", nargs="+", type=Path, default=None, help="folders of run JSONs (default <out>/runs)")
     args = ap.parse_args(argv)
     cmd_run(args) if args.cmd == "run" else cmd_summary(args)
 
