@@ -71,6 +71,22 @@ def test_a_resume_with_another_config_is_refused_and_changes_nothing(run_copy, o
     assert snapshot(run_copy) == before  # config.yaml and the checkpoints are untouched
 
 
+def test_a_checkpoint_without_its_config_that_does_not_fit_is_named(run_copy) -> None:
+    """Checkpoints written before configs were saved in them: DCP's "Missing key" becomes one line naming both."""
+    import json
+
+    (run_copy / "config.yaml").unlink()
+    for ckpt in list_checkpoints(run_copy):
+        (ckpt / "config.yaml").unlink()
+        manifest = json.loads((ckpt / "MANIFEST.json").read_text())
+        del manifest["files"]["config.yaml"]
+        (ckpt / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"step_0000006: does not fit the model this config builds \(.*Missing "
+                                              r"key in checkpoint state_dict: model\.transformer\.layers\.1\..*\); "
+                                              r"resume with the config it was saved with"):
+        train(tiny(run_copy, "--max_steps=6", "--ckpt_freq=3", "--ttt.layers=[1]"))
+
+
 def test_free_and_allowed_changes_resume(run_copy) -> None:
     result = train(tiny(run_copy, "--max_steps=8", "--allow_config_change=[max_steps]", "--log_freq=2",
                         "--keep_checkpoints=3", "--monitor_freq=1", "--optim.lr=3.0e-3"))

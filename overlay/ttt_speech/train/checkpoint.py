@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -204,10 +205,11 @@ def load_checkpoint(path: Path, model, optimizer, schedule, rank: int,
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as e:  # DCP wraps per-rank failures; its first line names the keys
-            first = next((ln.strip() for ln in str(e).splitlines() if "key" in ln.lower() or "size" in ln.lower()),
-                         str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-            raise CheckpointError(f"{path}: does not fit the model this config builds ({first}); resume with the "
+        except (Exception, CheckpointException) as e:  # DCP's wraps each rank's traceback (a BaseException)
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            reason = next((ln for ln in reversed(lines)
+                           if re.search(r"Missing key|Unexpected key|size mismatch|shape", ln)), lines[-1])
+            raise CheckpointError(f"{path}: does not fit the model this config builds ({reason}); resume with the "
                                   "config it was saved with, or start a new run_dir") from e
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
