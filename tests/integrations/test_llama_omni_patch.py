@@ -19,8 +19,9 @@ TARGET = "omni_speech/model/language_model/omni_speech_llama.py"
 
 
 def series() -> list[Path]:
+    """The patch files named by `series` (a name, then optionally `# sha256:...`, per line)."""
     lines = (PATCH_DIR / "series").read_text().splitlines()
-    return [PATCH_DIR / ln for ln in lines if ln and not ln.startswith("#")]
+    return [PATCH_DIR / ln.split("#", 1)[0].strip() for ln in lines if ln.strip() and not ln.startswith("#")]
 
 
 def test_patch_is_well_formed_and_targets_the_pinned_path() -> None:
