@@ -153,6 +153,55 @@ def test_chunk_gradcheck_fp64(kind):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+def test_chunk_helpers_match_autograd_fp64():
+    """The closed forms inside the dual form's hand-written backward: the LN-fused gradient, its VJP, gelu''."""
+    torch.manual_seed(0)
+    D = 16
+    z = torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(3, 5, D, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(3, 1, D, dtype=torch.float64)).requires_grad_(True)
+    b = (0.3 * torch.randn(3, 1, D, dtype=torch.float64)).requires_grad_(True)
+    g = ops.ln_fused_l2_grad(z, target, w, b)
+    with torch.no_grad():
+        c, gamma2 = w * (b - target), w * w
+        fast = chunk_module._ln_l2_grad(z, c, gamma2, out=torch.empty_like(z))
+    assert torch.allclose(fast, g, atol=1e-12)
+    dg = torch.randn_like(g)
+    dz_ref, dt_ref, dw_ref = torch.autograd.grad(g, (z, target, w), dg)
+    with torch.no_grad():
+        dz, dc = torch.empty_like(z), torch.empty_like(z)
+        xhat = chunk_module._ln_l2_grad_vjp(dg, fast, z, c, gamma2, dz=dz, dc=dc)
+    assert torch.allclose(dz, dz_ref, atol=1e-12)
+    assert torch.allclose(-w * dc, dt_ref, atol=1e-12)  # c = w * (b - target)
+    dw = (dc * (b - target)).sum(dim=1, keepdim=True) + 2 * w * (dc * xhat).sum(dim=1, keepdim=True)
+    assert torch.allclose(dw, dw_ref, atol=1e-12)
+    x = torch.randn(200, dtype=torch.float64, requires_grad=True)
+    (second,) = torch.autograd.grad(ops.gelu_tanh_grad(x).sum(), x)
+    assert torch.allclose(chunk_module._gelu_grad2(x.detach()), second, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_same_with_and_without_autograd(kind):
+    """The forward keeps every anchor when a backward will follow and only two otherwise: same numbers."""
+    args = make_inputs(kind, T=29, offsets=(1, 6, 0))
+    with torch.no_grad():
+        plain = op("chunk", kind)(**args)
+    tracked = dict(args, q=args["q"].clone().requires_grad_(True))
+    o, params, grads = op("chunk", kind)(**tracked)
+    assert_results_close((o.detach(), tuple(t.detach() for t in params), tuple(t.detach() for t in grads)), plain, 0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_double_backward_raises(kind):
+    """The dual form's backward is first-order: asking for a second derivative fails loudly."""
+    args = make_inputs(kind, B=1, T=9, offsets=(0,))
+    q = args["q"].clone().requires_grad_(True)
+    o, _, _ = op("chunk", kind)(**dict(args, q=q))
+    (dq,) = torch.autograd.grad(o.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        dq.sum().backward()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_padding_values_never_matter(kind, monkeypatch):
     args = make_inputs(kind, T=13, offsets=(5, 0, 2))

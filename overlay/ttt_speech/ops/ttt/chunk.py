@@ -9,17 +9,36 @@ mini-batch the update is committed and the accumulator cleared.
 Rows may start mid mini-batch (``offset``) and ``T`` need not be a multiple of the mini-batch: inputs are padded
 internally, padded slots get ``eta = 0`` so they never enter a gradient, and a row only commits when the last slot
 of a mini-batch holds one of its real tokens. The reference twins are in :mod:`.naive`.
+
+How the work is split (CPU timings that motivate it: ``docs/ttt.md``, Benchmark):
+
+* Everything that does not depend on the fast weights is formed for all mini-batches at once, before or after the
+  loop: the ``[b, b]`` matrices ``E * ([xq, 1] [xk, 1]^T)``, the outputs ``xq + LN(zq)``, and in the backward the
+  output-side gradients. Biases ride along as an extra row of the weights (``[x, 1] @ [[W], [b]]``).
+* The loop over mini-batches keeps only the sequential recurrence: ``[xk; xq] @ W``, the LN-fused inner gradient
+  and the commit, i.e. two batched matmuls per mini-batch for TTT-Linear. Its results go into buffers allocated
+  once (``out=``); the LN-fused gradient is written with small elementwise ops, which at these sizes stay on the
+  calling thread (a fused LayerNorm kernel would open a parallel region per mini-batch).
+* Every mini-batch commits in the loop. A row whose tokens end mid mini-batch has only padding after that
+  mini-batch, so its later weights are never read; its returned state is taken from the right mini-batch.
+* The backward is written by hand (``torch.autograd.Function``), mirroring the forward: batched output-side terms,
+  then one loop backwards over the mini-batches carrying the gradient of the weights. It is first-order only
+  (``once_differentiable``): differentiating it again raises instead of returning wrong numbers. The autograd
+  references in :mod:`.naive` support any order.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .common import Offset, check_ttt_args, compute_dtype
-from .loss import gelu_tanh, gelu_tanh_grad, layer_norm, ln_fused_l2_grad
+from .loss import LN_EPS
 
 
 def chunk_ttt_linear(
@@ -51,7 +70,7 @@ def chunk_ttt_linear(
         weights and accumulators are in the compute dtype (fp32, or fp64 for fp64 inputs).
     """
     offsets = check_ttt_args("linear", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
-    return _chunk(_linear_step, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets)
+    return _chunk("linear", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets)
 
 
 def chunk_ttt_mlp(
@@ -76,7 +95,7 @@ def chunk_ttt_mlp(
         ``(o [B, T, H, D], params, grads)`` as in :func:`chunk_ttt_linear`.
     """
     offsets = check_ttt_args("mlp", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
-    return _chunk(_mlp_step, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets)
+    return _chunk("mlp", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets)
 
 
 def _padding(x: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -90,6 +109,8 @@ def _align(x: Tensor, offsets: list[int], L: int) -> Tensor:
     rest = tuple(x.shape[2:])
     if all(o == offsets[0] for o in offsets):
         o = offsets[0]
+        if o == 0 and T == L:
+            return x
         return torch.cat([_padding(x, (B, o) + rest), x, _padding(x, (B, L - o - T) + rest)], dim=1)
     rows = [
         torch.cat([_padding(x, (o,) + rest), x[r], _padding(x, (L - o - T,) + rest)], dim=0)
@@ -105,96 +126,517 @@ def _unalign(x: Tensor, offsets: list[int], T: int) -> Tensor:
     return torch.stack([x[r, o : o + T] for r, o in enumerate(offsets)], dim=0)
 
 
-def _chunk(step, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets):
+_ln = torch.ops.aten.native_layer_norm
+_ln_bwd = torch.ops.aten.native_layer_norm_backward
+
+
+def _ln_grad(dy: Tensor, x: Tensor, mu: Tensor, rstd: Tensor) -> Tensor:
+    """Backward of a LayerNorm without affine: ``rstd * (dy - mean(dy) - xhat * mean(dy * xhat))``."""
+    return _ln_bwd(dy, x, (x.shape[-1],), mu, rstd, None, None, (True, False, False))[0]
+
+
+def _mean(x: Tensor) -> Tensor:
+    return x.mean(dim=-1, keepdim=True)
+
+
+def _normalize(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(xhat, rstd)`` of a LayerNorm without affine over the last dim."""
+    zc = z - _mean(z)
+    rstd = (_mean(zc * zc) + LN_EPS).rsqrt_()
+    return zc.mul_(rstd), rstd
+
+
+def _ln_l2_grad(z: Tensor, c: Tensor, gamma2: Tensor, out: Tensor) -> Tensor:
+    """:func:`.loss.ln_fused_l2_grad` of one mini-batch into ``out``, with the target folded into
+    ``c = gamma * (beta - target)`` and ``gamma2 = gamma ** 2``.
+
+    Written with small elementwise ops on purpose: at these sizes they run on the calling thread, where the fused
+    LayerNorm kernels would open a parallel region per call.
+    """
+    x, rstd = _normalize(z)
+    gx = torch.addcmul(c, gamma2, x)  # gamma * (LN(z) - target)
+    gx -= _mean(gx)
+    torch.addcmul(gx, x, _mean(gx * x), value=-1.0, out=out)
+    return out.mul_(rstd)
+
+
+def _ln_l2_grad_vjp(dg: Tensor, g: Tensor, z: Tensor, c: Tensor, gamma2: Tensor, dz: Tensor, dc: Tensor) -> Tensor:
+    """Pull ``dg`` back through ``g = _ln_l2_grad(z, c, gamma2)``: writes ``dz`` and ``dc`` and returns ``xhat``
+    (``d gamma2 = sum(dc * xhat)``)."""
+    x, rstd = _normalize(z)
+    gx = torch.addcmul(c, gamma2, x)
+    s = _mean(dg * x)
+    torch.addcmul(dg - _mean(dg), x, s, value=-1.0, out=dc).mul_(rstd)  # d gx
+    dx = gamma2 * dc
+    dx.addcmul_(dg, rstd * _mean(gx * x), value=-1.0)
+    dx.addcmul_(gx, rstd * s, value=-1.0)
+    t = _mean(dx * x) + _mean(dg * g)  # the second term: through the gradient's own 1/std factor
+    dx -= _mean(dx)
+    torch.addcmul(dx, x, t, value=-1.0, out=dz).mul_(rstd)
+    return x
+
+
+def _gelu(x: Tensor, out: Tensor | None = None) -> Tensor:
+    if out is None:
+        return F.gelu(x, approximate="tanh")
+    return torch.ops.aten.gelu.out(x, approximate="tanh", out=out)
+
+
+def _gelu_grad(dy: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``dy * gelu_tanh'(x)``, fused."""
+    if out is None:
+        return torch.ops.aten.gelu_backward(dy, x, approximate="tanh")
+    return torch.ops.aten.gelu_backward.grad_input(dy, x, approximate="tanh", grad_input=out)
+
+
+def _gelu_grad2(x: Tensor) -> Tensor:
+    """``gelu_tanh''(x)``: with ``u = c (x + a x^3)`` and ``t = tanh(u)``, ``(1 - t^2) (u' - x t u'^2 + x u'' / 2)``."""
+    a, c = 0.044715, math.sqrt(2.0 / math.pi)
+    x2 = x * x
+    t = torch.tanh(c * x * (1.0 + a * x2))
+    du = c * (1.0 + 3.0 * a * x2)
+    return (1.0 - t * t) * (du - x * t * du * du + 3.0 * a * c * x2)
+
+
+def _masks(commits: list[int], like: Tensor) -> dict[int, Tensor | None]:
+    """Per distinct commit count, a [BH, 1, 1] 0/1 mask of the rows that have it (None: all rows)."""
+    if len(set(commits)) == 1:
+        return {commits[0]: None}
+    c = torch.tensor(commits, device=like.device)
+    return {n: (c == n).to(like.dtype)[:, None, None] for n in sorted(set(commits))}
+
+
+def _masked(x: Tensor, m: Tensor | None) -> Tensor:
+    return x if m is None else x * m
+
+
+def _chunked(x: Tensor, b: int) -> Tensor:
+    """[B, L, H, ...] -> [N, B * H, b, ...] (a copy), ``N = L // b``."""
+    B, L, H = x.shape[:3]
+    tail = tuple(range(4, x.dim() + 1))
+    return x.reshape(B, L // b, b, H, *x.shape[3:]).permute(1, 0, 3, 2, *tail).reshape(L // b, B * H, b, *x.shape[3:])
+
+
+def _unchunked(x: Tensor, B: int) -> Tensor:
+    """Inverse of :func:`_chunked`."""
+    N, BH, b = x.shape[:3]
+    tail = tuple(range(4, x.dim() + 1))
+    return x.reshape(N, B, BH // B, b, *x.shape[3:]).permute(1, 0, 3, 2, *tail).reshape(B, N * b, BH // B, *x.shape[3:])
+
+
+class _Layout:
+    """The loop's layout of the aligned inputs ``q, k, v`` [B, L, H, D] and ``e`` [B, L, H] (eta, zero on padding):
+    mini-batch ``n`` of head-row ``r`` (``BH = B * H`` of them) at ``[n, r]``.
+
+    ``kq`` [N, BH, 2b, D + 1] holds ``[[xk, 1]; [xq, 1]]`` per mini-batch (the 1 column carries the bias), ``e``
+    [N, BH, b, 1], ``el = token_idx[-1] * e`` (the committed step), ``E = tril(token_idx_i * eta_j)`` [N, BH, b, b].
+    :meth:`loss_const` gives ``c = gamma * (beta - (xv - xk))`` of one mini-batch.
+    """
+
+    def __init__(self, q, k, v, e, tok, gamma, beta):
+        B, L, H, D = q.shape
+        b = tok.numel()
+        N = L // b
+        self.B, self.H, self.D, self.b, self.N, self.BH = B, H, D, b, N, B * H
+        self.v, self.tok, self.gamma, self.beta = v, tok, gamma, beta
+        self.kq = q.new_empty(N, B * H, 2 * b, D + 1)
+        kq6 = self.kq.view(N, B, H, 2 * b, D + 1)
+        kq6[:, :, :, :b, :D] = k.view(B, N, b, H, D).permute(1, 0, 3, 2, 4)
+        kq6[:, :, :, b:, :D] = q.view(B, N, b, H, D).permute(1, 0, 3, 2, 4)
+        self.kq[..., D] = 1.0
+        self.xk, self.xq = self.kq[:, :, :b], self.kq[:, :, b:]
+        self.e = _chunked(e[..., None], b)
+        self.el = tok[-1] * self.e
+        self.E = torch.tril(tok[:, None] * self.e.mT)
+        self.gamma2, self.gamma_beta = gamma * gamma, gamma * beta
+        self.diff = q.new_empty(B * H, b, D)
+
+    def loss_const(self, n: int) -> Tensor:
+        """``gamma * (beta + xk - xv)`` of mini-batch ``n`` [BH, b, D]; ``self.diff`` keeps ``xk - xv``."""
+        B, H, b, D = self.B, self.H, self.b, self.D
+        xk = self.kq[n].view(B, H, 2 * b, D + 1)[:, :, :b, :D]
+        xv = self.v[:, n * b : (n + 1) * b].transpose(1, 2)
+        torch.sub(xk, xv, out=self.diff.view(B, H, b, D))
+        return torch.addcmul(self.gamma_beta, self.gamma, self.diff)
+
+    def scatter(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """[N, BH, b, ...] -> [B, L, H, ...] (into ``out`` if given)."""
+        if out is None:
+            return _unchunked(x, self.B)
+        N, BH, b = x.shape[:3]
+        tail = tuple(range(4, x.dim() + 1))
+        out.view(self.B, N, b, self.H, *x.shape[3:]).permute(1, 0, 3, 2, *tail).copy_(
+            x.view(N, self.B, self.H, b, *x.shape[3:])
+        )
+        return out
+
+
+def _pending(lay: _Layout, n: int, g: Tensor) -> Tensor:
+    """``sum_j eta_j [xk_j, 1]^T g_j`` over mini-batch ``n`` (the first layer's accumulator)."""
+    return (lay.xk[n] * lay.e[n]).mT @ g
+
+
+class _ChunkLinear(torch.autograd.Function):
+    """TTT-Linear dual form with a hand-written backward.
+
+    Inputs ``q, k, v`` [B, L, H, D] (aligned to whole mini-batches), ``e`` [B, L, H] (eta, zero on padding), ``tok``
+    [b], ``gamma, beta`` [BH, 1, D], ``w`` and ``acc`` (or None) [BH, D + 1, D] (``[W1; b1]``). Outputs ``o``
+    [B, L, H, D] and the per-row state ``(w, acc)`` after ``commits[r]`` committed mini-batches.
+
+    The loop holds only the recurrence (two batched matmuls and the LN-fused gradient per mini-batch); ``E * (xq xk^T
+    + 1)`` is formed before it and the outputs after it, for all mini-batches at once.
+    """
+
+    @staticmethod
+    def forward(ctx, commits, save, q, k, v, e, tok, gamma, beta, w, acc):
+        lay = _Layout(q, k, v, e, tok, gamma, beta)
+        N, BH, b, D = lay.N, lay.BH, lay.b, lay.D
+        masks = _masks(commits, w)
+        # anchors: all of them for the backward, else two buffers (no allocation per mini-batch)
+        ws = w.new_empty(N + 1 if save else 2, BH, D + 1, D)
+        ws[0] = w
+        zz = q.new_empty(N, BH, 2 * b, D)  # [keys; queries] @ anchor
+        G = q.new_empty(N, BH, b, D)  # LN-fused gradients at the anchor
+        snaps = {}
+        for n in range(N):
+            w_n, w_next = (ws[n], ws[n + 1]) if save else (ws[n % 2], ws[(n + 1) % 2])
+            if n in masks:
+                snaps[n] = w_n if save else w_n.clone()
+            torch.bmm(lay.kq[n], w_n, out=zz[n])
+            _ln_l2_grad(zz[n, :, :b], lay.loss_const(n), lay.gamma2, out=G[n])
+            torch.baddbmm(w_n, (lay.xk[n] * lay.el[n]).mT, G[n], alpha=-1.0, out=w_next)
+            if n == 0 and acc is not None:
+                w_next.addcmul_(acc, tok[-1], value=-1.0)
+        snaps[N] = ws[N if save else N % 2]
+
+        A = torch.matmul(lay.xq, lay.xk.mT).mul_(lay.E)  # E * (xq xk^T + 1)
+        zq = torch.baddbmm(zz[:, :, b:].flatten(0, 1), A.flatten(0, 1), G.flatten(0, 1), alpha=-1.0)
+        zq = zq.view(N, BH, b, D)
+        if acc is not None:
+            zq[0] -= tok[:, None] * (lay.xq[0] @ acc)
+        yhat, mu_q, rstd_q = _ln(zq, (D,), None, None, LN_EPS)
+        o = lay.scatter(yhat.mul_(gamma).add_(beta).add_(lay.xq[..., :D]), torch.empty_like(q))
+
+        w_out = sum(_masked(snaps[n], m) for n, m in masks.items())
+        pending = {n: torch.zeros_like(w) if n == N else _pending(lay, n, G[n]) for n in masks}
+        if 0 in pending and acc is not None:
+            pending[0] = pending[0] + acc
+        acc_out = sum(_masked(pending[n], m) for n, m in masks.items())
+        ctx.commits = commits
+        if save:
+            ctx.save_for_backward(q, k, v, e, tok, gamma, beta, acc, ws, zz, G, zq, mu_q, rstd_q)
+        return o, w_out, acc_out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dw_out, dacc_out):
+        q, k, v, e, tok, gamma, beta, acc, ws, zz, G, zq, mu_q, rstd_q = ctx.saved_tensors
+        lay = _Layout(q, k, v, e, tok, gamma, beta)
+        N, b, D = lay.N, lay.b, lay.D
+        masks = _masks(ctx.commits, dw_out)
+        xk, xq, E = lay.xk, lay.xq, lay.E
+
+        # o = xq + gamma * LN(zq) + beta, zq = [xq, 1] @ w - (E * S) @ G (- tok * [xq, 1] @ acc in mini-batch 0)
+        do_c = _chunked(do, b)
+        dgamma = (do_c * ((zq - mu_q) * rstd_q)).sum(dim=(0, 2))[:, None]
+        dbeta = do_c.sum(dim=(0, 2))[:, None]
+        dzq = _ln_grad(do_c * gamma, zq, mu_q, rstd_q)
+        S = xq @ xk.mT
+        dA = -(dzq @ G.mT)
+        dS = dA * E
+        dE = torch.tril(dA * S)
+        dG = -((E * S).mT @ dzq)  # plus, in the loop, the commit's share
+        dkq = torch.cat([dS.mT @ xq, dS @ xk], dim=2)  # [N, BH, 2b, D + 1]
+        dtok = (dE @ lay.e).sum(dim=(0, 1))[:, 0]
+        de = dE.mT @ tok[:, None]  # [N, BH, b, 1]
+        dacc = None
+        if acc is not None:
+            tz = tok[:, None] * dzq[0]
+            dkq[0, :, b:] -= tz @ acc.mT
+            dacc = -(xq[0].mT @ tz)
+            dtok -= (dzq[0] * (xq[0] @ acc)).sum(dim=(0, 2))
+
+        # the recurrence backwards; dws[n] is the gradient w.r.t. the anchor after mini-batch n
+        dzz = torch.empty_like(zz)
+        dzz[:, :, b:] = dzq
+        dc = torch.empty_like(G)
+        dws = torch.empty_like(ws[1:])
+        dws[N - 1] = _masked(dw_out, masks[N]) if N in masks else 0.0
+        dgamma2 = torch.zeros_like(gamma)
+        dw = None
+        for n in reversed(range(N)):
+            dw = dws[n]
+            if n in masks:  # acc_out = sum_j eta_j [xk_j, 1]^T g_j for the rows that stop here
+                dG[n] += _masked((xk[n] * lay.e[n]) @ dacc_out, masks[n])
+            dg = torch.baddbmm(dG[n], xk[n] * lay.el[n], dw, alpha=-1.0)  # w_next = w - (el [xk, 1])^T g
+            c = lay.loss_const(n)
+            x = _ln_l2_grad_vjp(dg, G[n], zz[n, :, :b], c, lay.gamma2, dz=dzz[n, :, :b], dc=dc[n])
+            dgamma2 += (dc[n] * x).sum(dim=1, keepdim=True)
+            dgamma += (dc[n] * (lay.beta + lay.diff)).sum(dim=1, keepdim=True)
+            dw = torch.baddbmm(dw, lay.kq[n].mT, dzz[n], out=dws[n - 1] if n > 0 else None)
+            if n in masks:
+                dw += _masked(dw_out, masks[n])
+
+        dkq += dzz @ ws[:N].mT
+        du = -(G @ dws.mT)  # through w_next = w - (el [xk, 1])^T g
+        dkq[:, :, :b] += lay.el * du
+        d_el = (du * xk).sum(dim=-1, keepdim=True)
+        de += tok[-1] * d_el
+        dtok[-1] += (d_el * lay.e).sum()
+        for n, m in masks.items():
+            if n < N:
+                dxke = _masked(G[n] @ dacc_out.mT, m)
+                dkq[n, :, :b] += lay.e[n] * dxke
+                de[n] += (dxke * xk[n]).sum(dim=-1, keepdim=True)
+        if acc is not None:
+            dacc -= tok[-1] * dws[0]
+            dtok[-1] -= (acc * dws[0]).sum()
+            if 0 in masks:
+                dacc += _masked(dacc_out, masks[0])
+        dgamma += 2 * gamma * dgamma2
+        dbeta += (dc * gamma).sum(dim=(0, 2))[:, None]
+        dc *= gamma  # c = gamma * (beta + xk - xv)
+        dq = lay.scatter(do_c + dkq[:, :, b:, :D])
+        dk = lay.scatter(dc + dkq[:, :, :b, :D])
+        dv = lay.scatter(dc.neg_())
+        de = lay.scatter(de)[..., 0]
+        return None, None, dq, dk, dv, de, dtok, dgamma, dbeta, dw, dacc
+
+
+class _ChunkMLP(torch.autograd.Function):
+    """TTT-MLP dual form with a hand-written backward.
+
+    As :class:`_ChunkLinear`, with the state ``w1`` [BH, D + 1, F] (``[W1; b1]``), ``w2`` [BH, F, D], ``b2``
+    [BH, 1, D] and the accumulators ``a1, a2, a3`` (or all None) of the same shapes. The second layer's anchors are
+    kept for every mini-batch (the outputs are formed after the loop).
+    """
+
+    @staticmethod
+    def forward(ctx, commits, save, q, k, v, e, tok, gamma, beta, w1, w2, b2, a1, a2, a3):
+        lay = _Layout(q, k, v, e, tok, gamma, beta)
+        N, BH, b, D = lay.N, lay.BH, lay.b, lay.D
+        Fh = w1.shape[-1]
+        acc = None if a1 is None else (a1, a2, a3)
+        masks = _masks(commits, w1)
+        w1s = w1.new_empty(N + 1 if save else 2, BH, D + 1, Fh)
+        w2s, b2s = w2.new_empty(N + 1, BH, Fh, D), b2.new_empty(N + 1, BH, 1, D)
+        w1s[0], w2s[0], b2s[0] = w1, w2, b2
+        zz1 = q.new_empty(N, BH, 2 * b, Fh)  # [keys; queries] @ anchor
+        x2, G1 = q.new_empty(N, BH, b, Fh), q.new_empty(N, BH, b, Fh)
+        G2 = q.new_empty(N, BH, b, D)
+        snaps = {}
+        for n in range(N):
+            w1_n, w1_next = (w1s[n], w1s[n + 1]) if save else (w1s[n % 2], w1s[(n + 1) % 2])
+            if n in masks:
+                snaps[n] = (w1_n if save else w1_n.clone(), w2s[n], b2s[n])
+            torch.bmm(lay.kq[n], w1_n, out=zz1[n])
+            z1 = zz1[n, :, :b]
+            _gelu(z1, out=x2[n])
+            _ln_l2_grad(torch.baddbmm(b2s[n], x2[n], w2s[n]), lay.loss_const(n), lay.gamma2, out=G2[n])
+            _gelu_grad(torch.bmm(G2[n], w2s[n].mT), z1, out=G1[n])
+            torch.baddbmm(w1_n, (lay.xk[n] * lay.el[n]).mT, G1[n], alpha=-1.0, out=w1_next)
+            g2e = G2[n] * lay.el[n]
+            torch.baddbmm(w2s[n], x2[n].mT, g2e, alpha=-1.0, out=w2s[n + 1])
+            torch.sub(b2s[n], g2e.sum(dim=1, keepdim=True), out=b2s[n + 1])
+            if n == 0 and acc is not None:
+                for t, a in zip((w1_next, w2s[1], b2s[1]), acc, strict=True):
+                    t.addcmul_(a, tok[-1], value=-1.0)
+        snaps[N] = (w1s[N if save else N % 2], w2s[N], b2s[N])
+
+        def flat(t):
+            return t.flatten(0, 1)
+
+        A1 = torch.matmul(lay.xq, lay.xk.mT).mul_(lay.E)  # E * (xq xk^T + 1)
+        z1q = torch.baddbmm(flat(zz1[:, :, b:]), flat(A1), flat(G1), alpha=-1.0).view(N, BH, b, Fh)
+        if acc is not None:
+            z1q[0] -= tok[:, None] * (lay.xq[0] @ a1)
+        x2q = _gelu(z1q)
+        A2 = torch.addcmul(lay.E, lay.E, x2q @ x2.mT)  # E * (x2q x2^T + 1)
+        z2q = torch.baddbmm(flat(b2s[:N]), flat(x2q), flat(w2s[:N]))
+        z2q = torch.baddbmm(z2q, flat(A2), flat(G2), alpha=-1.0).view(N, BH, b, D)
+        if acc is not None:
+            z2q[0] -= tok[:, None] * torch.baddbmm(a3, x2q[0], a2)
+        yhat, mu_q, rstd_q = _ln(z2q, (D,), None, None, LN_EPS)
+        o = lay.scatter(yhat.mul_(gamma).add_(beta).add_(lay.xq[..., :D]), torch.empty_like(q))
+
+        out_state = [sum(_masked(snaps[n][i], m) for n, m in masks.items()) for i in range(3)]
+        pending = {}
+        for n in masks:
+            if n == N:
+                pending[n] = [torch.zeros_like(t) for t in (w1, w2, b2)]
+                continue
+            g2e = G2[n] * lay.e[n]
+            pending[n] = [_pending(lay, n, G1[n]), x2[n].mT @ g2e, g2e.sum(dim=1, keepdim=True)]
+            if n == 0 and acc is not None:
+                pending[n] = [p + a for p, a in zip(pending[n], acc, strict=True)]
+        out_acc = [sum(_masked(pending[n][i], m) for n, m in masks.items()) for i in range(3)]
+        ctx.commits = commits
+        if save:
+            ctx.save_for_backward(
+                q, k, v, e, tok, gamma, beta, a1, a2, a3, w1s, w2s, b2s, zz1, x2, G1, G2, z1q, x2q, z2q, mu_q, rstd_q
+            )
+        return o, *out_state, *out_acc
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, dw1_out, dw2_out, db2_out, da1_out, da2_out, da3_out):
+        (q, k, v, e, tok, gamma, beta, a1, a2, a3, w1s, w2s, b2s, zz1, x2, G1, G2, z1q, x2q, z2q, mu_q, rstd_q) = (
+            ctx.saved_tensors
+        )
+        lay = _Layout(q, k, v, e, tok, gamma, beta)
+        N, BH, b, D = lay.N, lay.BH, lay.b, lay.D
+        Fh = w1s.shape[-1]
+        acc = None if a1 is None else (a1, a2, a3)
+        masks = _masks(ctx.commits, dw1_out)
+        d_out, da_out = (dw1_out, dw2_out, db2_out), (da1_out, da2_out, da3_out)
+        xk, xq, E = lay.xk, lay.xq, lay.E
+
+        def flat(t):
+            return t.flatten(0, 1)
+
+        # o = xq + gamma * LN(z2q) + beta; z2q = x2q @ w2 + b2 - (E * (x2q x2^T + 1)) @ G2 (- tok * (x2q @ a2 + a3))
+        do_c = _chunked(do, b)
+        dgamma = (do_c * ((z2q - mu_q) * rstd_q)).sum(dim=(0, 2))[:, None]
+        dbeta = do_c.sum(dim=(0, 2))[:, None]
+        dz2q = _ln_grad(do_c * gamma, z2q, mu_q, rstd_q)
+        S2 = (x2q @ x2.mT).add_(1.0)
+        dA2 = -(dz2q @ G2.mT)
+        dS2 = dA2 * E
+        dE = torch.tril(dA2 * S2)
+        w2T = flat(w2s[:N]).mT
+        dx2q = torch.baddbmm(flat(dS2 @ x2), flat(dz2q), w2T).view(N, BH, b, Fh)
+        dG2 = -((E * S2).mT @ dz2q)  # plus, in the loop, the inner-loop shares
+        dx2 = dS2.mT @ x2q
+        dtok = torch.zeros_like(tok)
+        dacc = None
+        if acc is not None:
+            tz = tok[:, None] * dz2q[0]
+            dx2q[0] -= tz @ a2.mT
+            dacc = [torch.zeros_like(a1), -(x2q[0].mT @ tz), -tz.sum(dim=1, keepdim=True)]
+            dtok -= (dz2q[0] * torch.baddbmm(a3, x2q[0], a2)).sum(dim=(0, 2))
+        # x2q = gelu(z1q), z1q = [xq, 1] @ w1 - (E * S1) @ G1 (- tok * [xq, 1] @ a1)
+        dz1q = _gelu_grad(dx2q, z1q)
+        S1 = xq @ xk.mT
+        dA1 = -(dz1q @ G1.mT)
+        dS1 = dA1 * E
+        dE += torch.tril(dA1 * S1)
+        dG1 = -((E * S1).mT @ dz1q)
+        dkq = torch.cat([dS1.mT @ xq, dS1 @ xk], dim=2)  # [N, BH, 2b, D + 1]
+        dtok += (dE @ lay.e).sum(dim=(0, 1))[:, 0]
+        de = dE.mT @ tok[:, None]  # [N, BH, b, 1]
+        if acc is not None:
+            tz = tok[:, None] * dz1q[0]
+            dkq[0, :, b:] -= tz @ a1.mT
+            dacc[0] -= xq[0].mT @ tz
+            dtok -= (dz1q[0] * (xq[0] @ a1)).sum(dim=(0, 2))
+
+        # the recurrence backwards, carrying the gradients w.r.t. the state after mini-batch n
+        z1 = zz1[:, :, :b]
+        q2 = torch.bmm(flat(G2), w2T).view(N, BH, b, Fh).mul_(_gelu_grad2(z1))  # (G2 w2^T) * gelu''(z1)
+        z2 = torch.baddbmm(flat(b2s[:N]), flat(x2), flat(w2s[:N])).view(N, BH, b, D)
+        dz2q_sum = dz2q.sum(dim=2, keepdim=True)
+        dzz1 = torch.empty_like(zz1)
+        dzz1[:, :, b:] = dz1q
+        dc, dz2 = torch.empty_like(G2), torch.empty_like(G2[0])
+        d_el = torch.empty_like(lay.e)
+        dgamma2 = torch.zeros_like(gamma)
+        dst = [_masked(t, masks[N]) if N in masks else torch.zeros_like(t) for t in d_out]
+        for n in reversed(range(N)):
+            if n == 0 and acc is not None:  # the commit of mini-batch 0 also subtracts token_idx[-1] * acc
+                for i in range(3):
+                    dacc[i] -= tok[-1] * dst[i]
+                    dtok[-1] -= (acc[i] * dst[i]).sum()
+            dw1, dw2, db2 = dst
+            el, xk_n, g1, g2, x2n, w2n = lay.el[n], xk[n], G1[n], G2[n], x2[n], w2s[n]
+            # the commit: w1 - (el [xk, 1])^T g1, w2 - x2^T (el g2), b2 - sum(el g2)
+            dg1 = torch.baddbmm(dG1[n], xk_n * el, dw1, alpha=-1.0)
+            du1 = torch.bmm(g1, dw1.mT)
+            dkq[n, :, :b].addcmul_(el, du1, value=-1.0)
+            y = torch.baddbmm(db2, x2n, dw2)
+            dg2 = torch.addcmul(dG2[n], el, y, value=-1.0)
+            dx2n = torch.baddbmm(dx2[n], g2 * el, dw2.mT, alpha=-1.0)
+            d_el[n] = -(du1 * xk_n).sum(dim=-1, keepdim=True) - (g2 * y).sum(dim=-1, keepdim=True)
+            if n in masks:  # acc_out = ([xk, 1]^T (e g1), x2^T (e g2), sum(e g2)) for the rows that stop here
+                m, e_n = masks[n], lay.e[n]
+                dg1 += _masked((xk_n * e_n) @ da_out[0], m)
+                dxke = _masked(g1 @ da_out[0].mT, m)
+                dkq[n, :, :b] += e_n * dxke
+                y = _masked(torch.baddbmm(da_out[2], x2n, da_out[1]), m)
+                dg2 += e_n * y
+                dx2n += _masked((g2 * e_n) @ da_out[1].mT, m)
+                de[n] += (dxke * xk_n).sum(dim=-1, keepdim=True) + (g2 * y).sum(dim=-1, keepdim=True)
+            # G1 = (G2 w2^T) * gelu'(z1), G2 = ln_l2_grad(x2 w2 + b2), x2 = gelu(z1)
+            dm1 = _gelu_grad(dg1, z1[n])
+            dg2 = torch.baddbmm(dg2, dm1, w2n)
+            x = _ln_l2_grad_vjp(dg2, g2, z2[n], lay.loss_const(n), lay.gamma2, dz=dz2, dc=dc[n])
+            dgamma2 += (dc[n] * x).sum(dim=1, keepdim=True)
+            dgamma += (dc[n] * (lay.beta + lay.diff)).sum(dim=1, keepdim=True)
+            dx2n = torch.baddbmm(dx2n, dz2, w2n.mT)
+            dz1 = _gelu_grad(dx2n, z1[n]).addcmul_(dg1, q2[n])
+            dzz1[n, :, :b] = dz1
+            dw1 = torch.baddbmm(dw1, lay.kq[n].mT, dzz1[n])
+            dw2 = torch.baddbmm(torch.baddbmm(torch.baddbmm(dw2, x2q[n].mT, dz2q[n]), x2n.mT, dz2), dm1.mT, g2)
+            db2 = db2 + dz2q_sum[n] + dz2.sum(dim=1, keepdim=True)
+            dst = [dw1, dw2, db2]
+            if n in masks:
+                dst = [t + _masked(d, masks[n]) for t, d in zip(dst, d_out, strict=True)]
+
+        dkq += dzz1 @ w1s[:N].mT
+        de += tok[-1] * d_el
+        dtok[-1] += (d_el * lay.e).sum()
+        if acc is not None and 0 in masks:
+            for i in range(3):
+                dacc[i] += _masked(da_out[i], masks[0])
+        dgamma += 2 * gamma * dgamma2
+        dbeta += (dc * gamma).sum(dim=(0, 2))[:, None]
+        dc *= gamma  # c = gamma * (beta + xk - xv)
+        dq = lay.scatter(do_c + dkq[:, :, b:, :D])
+        dk = lay.scatter(dc + dkq[:, :, :b, :D])
+        dv = lay.scatter(dc.neg_())
+        de = lay.scatter(de)[..., 0]
+        return None, None, dq, dk, dv, de, dtok, dgamma, dbeta, *dst, *(dacc or (None,) * 3)
+
+
+def _chunk(kind, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets):
     B, T, H, D = q.shape
     b = token_idx.numel()
     dt = compute_dtype(q, params[0])
     L = -(-(max(offsets) + T) // b) * b
-    N = L // b
     # fp32: inner-loop updates underflow in bf16, so the whole op runs outside autocast
     with torch.autocast(q.device.type, enabled=False):
-        slots = torch.arange(L, device=q.device)
-        start = torch.tensor(offsets, device=q.device)[:, None]
-        real = (slots >= start) & (slots < start + T)  # [B, L]
-
-        def chunks(x: Tensor) -> Tensor:  # [B, L, H, D] -> [N, B, H, b, D]
-            return x.reshape(B, N, b, H, -1).permute(1, 0, 3, 2, 4)
-
-        xq, xk, xv = (chunks(_align(t.to(dt), offsets, L)) for t in (q, k, v))
-        e = torch.where(real[..., None], _align(eta.to(dt), offsets, L), 0.0)  # [B, L, H]
-        e = e.reshape(B, N, b, H).permute(1, 0, 3, 2)  # [N, B, H, b]
-        tok = token_idx.to(dt)
-        E = torch.tril(tok[:, None] * e[..., None, :])  # [N, B, H, b, b]; eta_ij = token_idx_i * eta_j
-        ctx = dict(
-            xq=xq,
-            xk=xk,
-            tgt=xv - xk,
-            e=e,
-            E=E,
-            xk_e=xk * e[..., None],
-            tok=tok[:, None],
-            gamma=ln_weight.to(dt)[:, None, :],
-            beta=ln_bias.to(dt)[:, None, :],
-        )
-        state = [p.to(dt) for p in params]
-        acc = None if grads is None else [g.to(dt) for g in grads]
-        zs = []
-        for n in range(N):
-            # later chunks only start at a commit (acc = 0) or hold no real token of that row
-            z, contrib = step(ctx, n, state, acc if n == 0 else None)
-            zs.append(z)
-            total = contrib if acc is None else [a + c for a, c in zip(acc, contrib, strict=True)]
-            committed = [p - tok[-1] * t for p, t in zip(state, total, strict=True)]
-            commit = [(n + 1) * b <= o + T for o in offsets]
-            if all(commit):
-                state, acc = committed, None
-            elif not any(commit):
-                acc = total
-            else:
-                m = torch.tensor(commit, device=q.device).view(B, 1, 1, 1)
-                state = [torch.where(m, c, p) for c, p in zip(committed, state, strict=True)]
-                acc = [torch.where(m, 0.0, t) for t in total]
-        z = torch.stack(zs, dim=0)  # [N, B, H, b, D]
-        o = xq + layer_norm(z, ctx["gamma"], ctx["beta"])
-        o = o.permute(1, 0, 3, 2, 4).reshape(B, L, H, D)
+        xq, xk, xv = (_align(t.to(dt), offsets, L) for t in (q, k, v))
+        e = _align(eta.to(dt), offsets, L)  # [B, L, H]
+        if L != T:
+            slots = torch.arange(L, device=q.device)
+            start = torch.tensor(offsets, device=q.device)[:, None]
+            e = torch.where(((slots >= start) & (slots < start + T))[..., None], e, 0.0)
+        gamma = ln_weight.to(dt).repeat(B, 1)[:, None, :]  # [BH, 1, D]
+        beta = ln_bias.to(dt).repeat(B, 1)[:, None, :]
+        state = _fold([p.to(dt) for p in params], B * H)
+        acc = None if grads is None else _fold([g.to(dt) for g in grads], B * H)
+        commits = [(o + T) // b for o in offsets for _ in range(H)]  # mini-batches each row commits
+        inputs = (xq, xk, xv, e, token_idx.to(dt), gamma, beta)
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in (*inputs, *state, *(acc or ())))
+        if kind == "linear":
+            o, w, g = _ChunkLinear.apply(commits, save, *inputs, state[0], None if acc is None else acc[0])
+            new_state, new_acc = [w], [g]
+        else:
+            o, *rest = _ChunkMLP.apply(commits, save, *inputs, *state, *(acc or (None,) * 3))
+            new_state, new_acc = rest[:3], rest[3:]
         o = _unalign(o, offsets, T).to(q.dtype)
-    if acc is None:
-        acc = [torch.zeros_like(p) for p in state]
-    return o, tuple(state), tuple(acc)
+    return o, _unfold(new_state, B, H, D), _unfold(new_acc, B, H, D)
 
 
-def _linear_step(ctx, n, state, acc):
-    W1, b1 = state
-    xq, xk, E, tok = ctx["xq"][n], ctx["xk"][n], ctx["E"][n], ctx["tok"]
-    z1 = xk @ W1 + b1  # [B, H, b, D]
-    g1 = ln_fused_l2_grad(z1, ctx["tgt"][n], ctx["gamma"], ctx["beta"])
-    attn = E * (xq @ xk.mT + 1.0)  # [B, H, b, b]; the +1 carries the bias update
-    zq = xq @ W1 + b1 - attn @ g1
-    if acc is not None:
-        zq = zq - tok * (xq @ acc[0] + acc[1])
-    contrib = [ctx["xk_e"][n].mT @ g1, (ctx["e"][n][..., None] * g1).sum(dim=-2, keepdim=True)]
-    return zq, contrib
+def _fold(ts: Sequence[Tensor], BH: int) -> list[Tensor]:
+    """Fast weights [B, H, ...] -> the loop's layout, with the first layer's bias as an extra row of its weight.
+
+    Linear: ``[W1; b1]`` [BH, D + 1, D]. MLP: ``[W1; b1]`` [BH, D + 1, F], ``W2`` [BH, F, D], ``b2`` [BH, 1, D].
+    """
+    first = torch.cat([ts[0], ts[1]], dim=-2)
+    return [first.reshape(BH, *first.shape[2:])] + [t.reshape(BH, *t.shape[2:]) for t in ts[2:]]
 
 
-def _mlp_step(ctx, n, state, acc):
-    W1, b1, W2, b2 = state
-    xq, xk, E, e, tok = ctx["xq"][n], ctx["xk"][n], ctx["E"][n], ctx["e"][n][..., None], ctx["tok"]
-    z1 = xk @ W1 + b1  # [B, H, b, F]
-    x2 = gelu_tanh(z1)
-    z2 = x2 @ W2 + b2  # [B, H, b, D]
-    g2 = ln_fused_l2_grad(z2, ctx["tgt"][n], ctx["gamma"], ctx["beta"])
-    g1 = (g2 @ W2.mT) * gelu_tanh_grad(z1)  # [B, H, b, F]
-    z1q = xq @ W1 + b1 - (E * (xq @ xk.mT + 1.0)) @ g1
-    if acc is not None:
-        z1q = z1q - tok * (xq @ acc[0] + acc[1])
-    x2q = gelu_tanh(z1q)
-    z2q = x2q @ W2 + b2 - (E * (x2q @ x2.mT + 1.0)) @ g2
-    if acc is not None:
-        z2q = z2q - tok * (x2q @ acc[2] + acc[3])
-    contrib = [
-        ctx["xk_e"][n].mT @ g1,
-        (e * g1).sum(dim=-2, keepdim=True),
-        (x2 * e).mT @ g2,
-        (e * g2).sum(dim=-2, keepdim=True),
-    ]
-    return z2q, contrib
+def _unfold(ts: list[Tensor], B: int, H: int, D: int) -> tuple[Tensor, ...]:
+    """Inverse of :func:`_fold`."""
+    ts = [t.view(B, H, *t.shape[1:]) for t in ts]
+    return (ts[0][..., :D, :], ts[0][..., D:, :], *ts[1:])
