@@ -5,7 +5,10 @@
 3. fine-tunes a tiny TTT Moshi on the dialogues through submitit's local executor, stopped half-way (a checkpoint)
    and resumed by a second job, and a base model without TTT the same way in this process;
 4. plots the monitoring CSVs, and ends with the eval-librilight report comparing the two on the audiobook;
-5. prints the first and last loss windows and writes `summary.json`.
+5. prints the first and last loss windows and writes `summary.json`;
+6. the spoken-recall benchmark in small (`run_recall`): a window model, the same with In-Place TTT, and full
+   attention, trained on spoken-recall documents; the table of recall NLL on held-out documents (voices and content
+   never trained on) past the window, the paired difference with its CI, the gap closed, and a plot.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ttt_speech.integrations import moshi as moshi_int
@@ -41,7 +45,7 @@ def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0) -> flo
         with model.streaming(batch_size):
             stepped = torch.cat([model.forward_text(seq[:, :, t:t + 1])[0] for t in range(frames)], dim=1)
     diff = (parallel - stepped).abs().max().item()
-    print(f"[1/5] moshi {moshi.__version__} from {Path(moshi.__file__).parent} (4 patches present); In-Place TTT "
+    print(f"[1/6] moshi {moshi.__version__} from {Path(moshi.__file__).parent} (4 patches present); In-Place TTT "
           f"in layers {cfg.layers}, chunk {cfg.chunk_size}: frame-by-frame streaming vs parallel, max |diff| "
           f"{diff:.1e} (<= 1e-5)")
     if diff > 1e-5:
@@ -49,12 +53,100 @@ def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0) -> flo
     return diff
 
 
+def run_recall(out: Path, seed: int = 0, steps: int = 250, documents: int | None = None,
+               variants: tuple[str, ...] = ("window", "inplace", "full"),
+               only_banks: list[tuple[str, int]] | None = None) -> dict:
+    """The spoken-recall benchmark in small (`ttt_speech.eval.recall_spoken`, one seed): a tiny Moshi with a short
+    window, and the same with In-Place TTT (and with full attention), trained on new documents drawn from the
+    training voices and content, scored on the held-out documents (voices and content never trained on) where A is
+    repeated past the window's whole receptive field. Prints the table and the paired In-Place - window difference
+    on the repeat with a cluster-bootstrap CI over voices; returns the `recall` section of `summary.json`.
+
+    Args:
+        documents: score the first N held-out documents (all by default).
+        only_banks: encode only these (voice, rate) word banks (a quick test).
+    """
+    from ttt_speech.eval import recall_spoken as rs
+    from ttt_speech.eval.recall import receptive_field
+
+    cfg = rs.SpokenRecallConfig(steps=steps)
+    rf = receptive_field(cfg.lm_kwargs("window"))
+    banks = rs.Banks(SAMPLES, cache=out / "codes", only=only_banks)
+    docs = banks.heldout(rf, limit=documents)
+    results = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        results[v] = rs.run_one(v, seed, cfg, banks, docs, out / "recall")
+        print(f"      recall: {v} trained {steps} steps ({time.perf_counter() - t0:.0f} s)", flush=True)
+    ttt = next(v for v in variants if v not in ("window", "full"))
+    mean = {v: {k: float(np.mean(r[k])) for k in rs.SCORES} for v, r in results.items()}
+    diff = rs.paired_by_document(results[ttt], results["window"], "text_repeat")
+    print(f"[6/6] spoken recall on {len(docs)} held-out documents ({len({d.voice for d in docs})} voices and content "
+          f"never trained on; A repeated >= {min(d.distance for d in docs)} frames after its first mention, window "
+          f"receptive field {rf} frames). NLL on the content (nats):")
+    print(f"      {'variant':<13} {'text first':>10} {'repeat':>7} {'unrelated':>9} {'audio first':>11} {'repeat':>7} "
+          f"{'unrelated':>9}")
+    for v, m in mean.items():
+        print(f"      {v:<13} {m['text_first']:>10.3f} {m['text_repeat']:>7.3f} {m['text_unrelated']:>9.3f} "
+              f"{m['audio_first']:>11.3f} {m['audio_repeat']:>7.3f} {m['audio_unrelated']:>9.3f}")
+    ci = "no CI (< 3 voices)" if diff.ci95 is None else f"95% CI [{diff.lo:+.3f}, {diff.hi:+.3f}]"
+    section = {"window_nll": mean["window"]["text_repeat"], "ttt_nll": mean[ttt]["text_repeat"],
+               "diff": diff.mean, "diff_ci95": diff.ci95, "n_documents": len(docs), "n_voices": diff.n_clusters,
+               "ttt_variant": ttt, "receptive_field": rf, "steps": steps, "seed": seed,
+               "audio": {v: {k: m[k] for k in ("audio_first", "audio_repeat", "audio_unrelated")}
+                         for v, m in mean.items()},
+               "text": {v: {k: m[k] for k in ("text_first", "text_repeat", "text_unrelated")}
+                        for v, m in mean.items()}}
+    line = f"      {ttt} - window on the repeat (text): {diff.mean:+.3f} nats, {ci} (paired by document, cluster " \
+           f"bootstrap over voices; one training seed)"
+    if "full" in mean:
+        section["full_nll"] = mean["full"]["text_repeat"]
+        section["gap_closed"] = (mean["window"]["text_repeat"] - mean[ttt]["text_repeat"]) / \
+            (mean["window"]["text_repeat"] - mean["full"]["text_repeat"])
+        line += f"; gap closed (window - {ttt}) / (window - full) = {section['gap_closed']:.2f}"
+    print(line)
+    section["plot"] = str(_recall_plot(results, out / "recall" / "recall.png"))
+    return section
+
+
+def _recall_plot(results: dict[str, dict], path: Path) -> Path:
+    """Held-out training curves (text NLL on the first mention and the repeat) and per-document NLL on each
+    mention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for i, (v, r) in enumerate(results.items()):
+        a.plot(r["curve"]["eval_steps"], r["curve"]["eval_text_repeat"], color=f"C{i}", label=f"{v} repeat")
+        a.plot(r["curve"]["eval_steps"], r["curve"]["eval_text_first"], ":", color=f"C{i}", label=f"{v} first")
+        for j, m in enumerate(("first", "repeat", "unrelated")):
+            x = i + (j - 1) * 0.27
+            vals = r[f"text_{m}"]
+            b.bar(x, np.mean(vals), 0.25, color=f"C{j}", alpha=0.6, label=m if i == 0 else None)
+            b.plot(np.full(len(vals), x), vals, "k.", ms=3)
+    a.set_xlabel("training step")
+    a.set_ylabel("text NLL, held-out documents")
+    a.legend(fontsize=8)
+    b.set_xticks(range(len(results)), list(results))
+    b.set_ylabel("text NLL on the content, held-out documents")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _losses(run_dir: Path) -> list[float]:
     return [float(r["loss"]) for r in csv.DictReader((run_dir / "metrics.csv").open())]
 
 
 def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20, eval_max_frames: int | None = None,
-        eval_step: int = 1, seed: int = 0) -> dict:
+        eval_step: int = 1, seed: int = 0, recall_steps: int = 250, recall_documents: int | None = None,
+        recall_variants: tuple[str, ...] = ("window", "inplace", "full"),
+        recall_banks: list[tuple[str, int]] | None = None) -> dict:
     from ttt_speech.config import load_config
     from ttt_speech.data.codes import pre_encode
     from ttt_speech.eval import librilight
@@ -73,7 +165,7 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
         codes[name] = out / "codes" / name
         if not (codes[name] / "index.json").is_file():
             pre_encode(SAMPLES / f"{name}.jsonl", codes[name], mimi="tiny-random")
-    print(f"[2/5] sample set {SAMPLES}: dialogues (stereo) and audiobook (mono), Mimi codes in {out / 'codes'}")
+    print(f"[2/6] sample set {SAMPLES}: dialogues (stereo) and audiobook (mono), Mimi codes in {out / 'codes'}")
 
     config = REPO / "configs" / "tiny.yaml"
     # 8 s crops: 100 frames, 12 chunk updates of 8, far past the 32-frame window. The evaluation runs 2900 frames
@@ -86,7 +178,7 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
     local = SlurmConfig(cluster="local", time_min=30)
     first = submit(str(config), [*common, f"--run_dir={ttt_dir}", f"--stop_after={steps // 2}"], local).result()
     second = submit(str(config), [*common, f"--run_dir={ttt_dir}"], local).result()
-    print(f"[3/5] TTT run {ttt_dir}: submitit job 1 {first['status']} at step {first['steps']} (checkpoint), "
+    print(f"[3/6] TTT run {ttt_dir}: submitit job 1 {first['status']} at step {first['steps']} (checkpoint), "
           f"job 2 resumed from step {second['resumed_from_step']} to {second['steps']}")
     base = train(load_config(TrainConfig, config, [*common, f"--run_dir={base_dir}", "--ttt=null"]))
     print(f"      base run {base_dir} (no TTT): {base['steps']} steps")
@@ -98,7 +190,7 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
                             max_frames=eval_max_frames, print_paired=False)
     plots.append(str(out / "eval" / "nll_vs_position.png"))
     print(f"      {librilight.paired_line(report, 'ttt')}")  # one audiobook: a difference, not a CI
-    print(f"[4/5] plots: {', '.join(plots)}")
+    print(f"[4/6] plots: {', '.join(plots)}")
 
     losses = _losses(ttt_dir)
     n = min(window, len(losses) // 2)
@@ -109,7 +201,14 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
                "attention_context": report["checkpoints"]["ttt"]["attention_context"],
                "seconds": round(time.perf_counter() - t_start, 1)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"[5/5] TTT run loss: first {n} steps {summary['loss_first_window']:.3f}, last {n} steps "
+    print(f"[5/6] TTT run loss: first {n} steps {summary['loss_first_window']:.3f}, last {n} steps "
           f"{summary['loss_last_window']:.3f} (base model, last {n}: {summary['base_loss_last_window']:.3f}); "
           f"summary {out / 'summary.json'} ({summary['seconds']:.0f} s)")
+
+    summary["recall"] = run_recall(out, seed=seed, steps=recall_steps, documents=recall_documents,
+                                   variants=recall_variants, only_banks=recall_banks)
+    summary["plots"].append(summary["recall"]["plot"])
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"      recall plot {summary['recall']['plot']}; summary {out / 'summary.json'} ({summary['seconds']:.0f} s)")
     return summary

@@ -79,6 +79,7 @@ class SpokenRecallConfig:
             rest are inputs only, as the user's are) and its depth: fewer is cheaper on a CPU.
         ttt_layers, chunk, inplace_lr, target, block_base_lr, block_gate_init: as `eval.recall.RecallConfig`.
         steps, batch, lr, warmup: AdamW on `batch` freshly drawn training documents per step.
+        eval_every: steps between two scorings of the held-out documents for the training curve.
         first_codebook_weight_multiplier, text_padding_weight: moshi-finetune's loss weights. Codebook 0 is not
             up-weighted (moshi-finetune: 100): tiny-random Mimi's codes are mostly unpredictable, and at 100x their
             loss would dominate the clipped gradient and slow the text down.
@@ -96,10 +97,11 @@ class SpokenRecallConfig:
     target: str = "token_embeddings"
     block_base_lr: float = 1.0
     block_gate_init: float = 0.1
-    steps: int = 300
+    steps: int = 250
     batch: int = 8
     lr: float = 3e-3
     warmup: int = 30
+    eval_every: int = 50
     first_codebook_weight_multiplier: float = 1.0
     text_padding_weight: float = 0.5
 
@@ -317,15 +319,31 @@ def collate(docs: Sequence[SpokenDoc]) -> torch.Tensor:
 
 
 def train(model: torch.nn.Module, docs: TrainingDocuments, cfg: SpokenRecallConfig,
-          progress: str | None = None) -> dict[str, list[float]]:
-    """AdamW on `cfg.batch` new documents per step. Returns the per-step loss and the text NLL on the repeats of
-    each step's batch (documents never seen before: the curve is held-out with respect to the documents, not to
-    the voices and content)."""
+          eval_docs: Sequence[SpokenDoc] = (), progress: str | None = None) -> dict[str, list[float]]:
+    """AdamW on `cfg.batch` new documents per step.
+
+    Returns the curves: per step the loss and the text NLL on the first mention and on the repeat of the step's
+    (new) documents; every `cfg.eval_every` steps and at the end, the mean text NLL on the first mentions and the
+    repeats of `eval_docs` (`eval_steps`, `eval_text_first`, `eval_text_repeat`). On training documents part of
+    what a model learns is the training content itself; the held-out curve shows recall alone.
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    curve: dict[str, list[float]] = {"loss": [], "repeat_text_nll": []}
+    curve: dict[str, list[float]] = {k: [] for k in ("loss", "first_text_nll", "repeat_text_nll", "eval_steps",
+                                                     "eval_text_first", "eval_text_repeat")}
+
+    def held_out(step: int) -> None:
+        if eval_docs:
+            scores = evaluate(model, eval_docs)
+            curve["eval_steps"].append(step)
+            curve["eval_text_first"].append(float(np.mean(scores["text_first"])))
+            curve["eval_text_repeat"].append(float(np.mean(scores["text_repeat"])))
+            model.train()
+
     model.train()
     t0 = time.perf_counter()
     for step in range(cfg.steps):
+        if step % cfg.eval_every == 0:
+            held_out(step)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         batch = [docs.draw() for _ in range(cfg.batch)]
@@ -340,13 +358,18 @@ def train(model: torch.nn.Module, docs: TrainingDocuments, cfg: SpokenRecallConf
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             logp = torch.log_softmax(out.text_logits[:, 0].float(), dim=-1)  # [B, F, V]
-            rep = [-logp[i, d.text_frames["repeat"], codes[i, 0, d.text_frames["repeat"]]].mean()
-                   for i, d in enumerate(batch)]
+            for m in ("first", "repeat"):
+                nll = [-logp[i, d.text_frames[m], codes[i, 0, d.text_frames[m]]].mean() for i, d in enumerate(batch)]
+                curve[f"{m}_text_nll"].append(torch.stack(nll).mean().item())
         curve["loss"].append(loss.item())
-        curve["repeat_text_nll"].append(torch.stack(rep).mean().item())
         if progress and (step + 1) % 50 == 0:
-            print(f"  {progress} step {step + 1}/{cfg.steps}: loss {np.mean(curve['loss'][-25:]):.3f}, repeat text "
-                  f"NLL {np.mean(curve['repeat_text_nll'][-25:]):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            held = "" if not curve["eval_steps"] else \
+                f", held-out first {curve['eval_text_first'][-1]:.3f} repeat {curve['eval_text_repeat'][-1]:.3f}"
+            print(f"  {progress} step {step + 1}/{cfg.steps}: loss {np.mean(curve['loss'][-25:]):.3f}, training "
+                  f"documents' first {np.mean(curve['first_text_nll'][-25:]):.3f} repeat "
+                  f"{np.mean(curve['repeat_text_nll'][-25:]):.3f}{held} ({time.perf_counter() - t0:.0f} s)",
+                  flush=True)
+    held_out(cfg.steps)
     model.eval()
     return curve
 
@@ -386,7 +409,7 @@ def run_one(variant: str, seed: int, cfg: SpokenRecallConfig, banks: Banks, eval
     t0 = time.perf_counter()
     model = build_variant(variant, cfg, seed)
     receptive = receptive_field(cfg.lm_kwargs("window"))
-    curve = train(model, TrainingDocuments(banks, seed, receptive), cfg,
+    curve = train(model, TrainingDocuments(banks, seed, receptive), cfg, eval_docs,
                   progress=f"{variant} seed {seed}" if progress else None)
     result = {"variant": variant, "seed": seed, "config": cfg.to_dict(),
               "train_seconds": round(time.perf_counter() - t0, 1), "curve": curve,
@@ -419,7 +442,7 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out = {}
     for score in SCORES:
         extra = [s for s in SCORES if s != score]
-        out[score] = recall.summarize(results, metric=score, curve="repeat_text_nll", extra=extra)
+        out[score] = recall.summarize(results, metric=score, curve="eval_text_repeat", extra=extra)
     windows = {r["seed"]: r for r in results if r["variant"] == "window"}
     for score in ("text_repeat", "audio_repeat"):
         for v, row in out[score].items():
@@ -451,25 +474,27 @@ def format_tables(summary: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: Sequence[dict[str, Any]], summary: dict[str, dict[str, Any]], path: Path, smooth: int = 10) -> Path:
-    """Training curves (repeat text NLL per step) and, per variant, the first / repeat / unrelated NLL."""
+def plot(results: Sequence[dict[str, Any]], summary: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Training curves (held-out text NLL on the first mention and the repeat) and, per variant, the first /
+    repeat / unrelated NLL with CIs over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    kernel = np.ones(smooth) / smooth
     variants = list(summary["text_repeat"])
     for i, v in enumerate(variants):
-        curves = [np.convolve(r["curve"]["repeat_text_nll"], kernel, mode="valid") for r in results
-                  if r["variant"] == v]
-        for c in curves:
-            axes[0].plot(np.arange(len(c)) + smooth, c, color=f"C{i}", alpha=0.25, lw=0.8)
-        axes[0].plot(np.arange(len(curves[0])) + smooth, np.mean(curves, axis=0), color=f"C{i}", label=v)
+        runs = [r for r in results if r["variant"] == v]
+        steps = runs[0]["curve"]["eval_steps"]
+        for key, style in (("eval_text_repeat", "-"), ("eval_text_first", ":")):
+            for r in runs:
+                axes[0].plot(steps, r["curve"][key], style, color=f"C{i}", alpha=0.25, lw=0.8)
+            axes[0].plot(steps, np.mean([r["curve"][key] for r in runs], axis=0), style, color=f"C{i}",
+                         label=f"{v} {'repeat' if key.endswith('repeat') else 'first'}")
     axes[0].set_xlabel("training step")
-    axes[0].set_ylabel(f"repeat text NLL, training batches ({smooth}-step mean)")
-    axes[0].legend(fontsize=8)
+    axes[0].set_ylabel("text NLL on held-out documents")
+    axes[0].legend(fontsize=7)
     axes[0].set_title("training curves (each seed faint)")
     width = 0.8 / 3
     for ax, stream in zip(axes[1:], ("text", "audio"), strict=True):
