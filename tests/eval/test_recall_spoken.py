@@ -101,3 +101,30 @@ def test_paired_by_document() -> None:
     assert est.mean == pytest.approx(np.mean([-1.0, -0.5, -0.5, 0.0])) and est.n == 4 and est.n_clusters == 3
     with pytest.raises(ValueError, match="same documents"):
         rs.paired_by_document(ttt, {**window, "documents": docs[::-1]})
+
+
+def test_summary_over_seeds_by_hand() -> None:
+    """Two documents (two voices), three seeds; the window model has no recall (first = repeat), In-Place's
+    repeat is lower by 0.5, 1.0 and 1.5 nats in seeds 0, 1, 2."""
+    docs, voices = ["a", "b"], ["v1", "v2"]
+    curve = {"eval_steps": [0, 1], "eval_text_first": [3.0, 3.0], "eval_text_repeat": [3.0, 3.0]}
+
+    def result(variant, seed, first, repeat):
+        scores = {f"{s}_{m}": [0.0, 0.0] for s in ("text", "audio") for m in rs.MENTIONS}
+        scores.update(text_first=first, text_repeat=repeat)
+        return {"variant": variant, "seed": seed, "documents": docs, "voices": voices, "train_seconds": 1.0,
+                "curve": curve, **scores}
+
+    results = [result("window", s, [3.0, 2.0], [3.0, 2.0]) for s in range(3)]
+    results += [result("inplace", s, [3.0, 2.0], [3.0 - g, 2.0 - g]) for s, g in enumerate([0.5, 1.0, 1.5])]
+    summary = rs.summarize(results)
+    row = summary["text_repeat"]["inplace"]
+    assert row["diff_vs_window"]["per_seed"] == pytest.approx([-0.5, -1.0, -1.5])
+    half = 4.303 * 0.5 / np.sqrt(3)  # t_{0.975, 2} x sd 0.5 / sqrt(3)
+    assert row["diff_vs_window"]["ci95"] == pytest.approx([-1.0 - half, -1.0 + half], abs=1e-3)
+    gain = summary["text_recall_gain"]
+    assert gain["window"]["text_recall_gain"]["mean"] == 0.0
+    assert gain["inplace"]["text_recall_gain"]["mean"] == pytest.approx(1.0)
+    assert [c["mean"] for c in row["per_seed_document_ci"]] == pytest.approx([-0.5, -1.0, -1.5])
+    assert all(c["ci95"] is None and c["n_clusters"] == 2 for c in row["per_seed_document_ci"])  # < 3 voices
+    assert "first - repeat" in rs.format_tables(summary)

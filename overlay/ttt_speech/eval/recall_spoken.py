@@ -434,13 +434,17 @@ def paired_by_document(result: dict[str, Any], reference: dict[str, Any], score:
 
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per score (`text_repeat`, ...): `eval.recall.summarize` over seeds; for `text_repeat` and `audio_repeat`,
-    also per variant and seed the paired per-document difference against the window model with its
-    cluster-bootstrap CI over voices."""
+    """Per score (`text_repeat`, ..., and `text_recall_gain` / `audio_recall_gain`: first minus repeat per
+    document): `eval.recall.summarize` over seeds; for `text_repeat` and `audio_repeat`, also per variant and seed
+    the paired per-document difference against the window model with its cluster-bootstrap CI over voices."""
     from ttt_speech.eval import recall
 
+    # per document, how much lower the repeat is than the first mention: recall within one model, free of how
+    # well the model knows new content in general
+    results = [{**r, **{f"{s}_recall_gain": list(np.subtract(r[f"{s}_first"], r[f"{s}_repeat"]))
+                        for s in ("text", "audio")}} for r in results]
     out = {}
-    for score in SCORES:
+    for score in [*SCORES, "text_recall_gain", "audio_recall_gain"]:
         extra = [s for s in SCORES if s != score]
         out[score] = recall.summarize(results, metric=score, curve="eval_text_repeat", extra=extra)
     windows = {r["seed"]: r for r in results if r["variant"] == "window"}
@@ -466,10 +470,14 @@ def format_tables(summary: dict[str, dict[str, Any]]) -> str:
     for stream in ("text", "audio"):
         rows = summary[f"{stream}_repeat"]
         lines.append(recall.format_table(rows, metric=f"{stream}_repeat", label=f"{stream} repeat", extra=None))
-        lines.append(f"{'':<13} {'first':>8} {'repeat':>8} {'unrelated':>9}   (NLL on the mention, mean over seeds)")
+        gains = summary[f"{stream}_recall_gain"]
+        lines.append(f"{'':<13} {'first':>8} {'repeat':>8} {'unrelated':>9} {'first - repeat':>15} {'95% CI':>17}  "
+                     "(NLL on the mention, mean over seeds)")
         for v, row in rows.items():
+            g = gains[v][f"{stream}_recall_gain"]
+            ci = "n/a" if g["ci95"] is None else f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}]"
             lines.append(f"{v:<13} {row[f'{stream}_first']['mean']:>8.3f} {row[f'{stream}_repeat']['mean']:>8.3f} "
-                         f"{row[f'{stream}_unrelated']['mean']:>9.3f}")
+                         f"{row[f'{stream}_unrelated']['mean']:>9.3f} {g['mean']:>+15.3f} {ci:>17}")
         lines.append("")
     return "\n".join(lines)
 
