@@ -45,9 +45,9 @@ def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0) -> flo
         with model.streaming(batch_size):
             stepped = torch.cat([model.forward_text(seq[:, :, t:t + 1])[0] for t in range(frames)], dim=1)
     diff = (parallel - stepped).abs().max().item()
-    print(f"[1/6] moshi {moshi.__version__} from {Path(moshi.__file__).parent} (4 patches present); In-Place TTT "
-          f"in layers {cfg.layers}, chunk {cfg.chunk_size}: frame-by-frame streaming vs parallel, max |diff| "
-          f"{diff:.1e} (<= 1e-5)")
+    print(f"[1/6] moshi {moshi.__version__} from {Path(moshi.__file__).parent} (5 patches present); "
+          f"In-Place TTT in layers {cfg.layers}, chunk {cfg.chunk_size}: frame-by-frame streaming vs parallel, "
+          f"max |diff| {diff:.1e} (<= 1e-5)")
     if diff > 1e-5:
         raise RuntimeError(f"streaming and parallel disagree by {diff:.2e}")
     return diff
