@@ -193,9 +193,10 @@ def _gelu_grad2(x: Tensor) -> Tensor:
     """``gelu_tanh''(x)``: with ``u = c (x + a x^3)`` and ``t = tanh(u)``, ``(1 - t^2) (u' - x t u'^2 + x u'' / 2)``."""
     a, c = 0.044715, math.sqrt(2.0 / math.pi)
     x2 = x * x
-    t = torch.tanh(c * x * (1.0 + a * x2))
-    du = c * (1.0 + 3.0 * a * x2)
-    return (1.0 - t * t) * (du - x * t * du * du + 3.0 * a * c * x2)
+    t = torch.mul(x2, a).add_(1.0).mul_(x).mul_(c).tanh_()
+    du = torch.mul(x2, 3.0 * a * c).add_(c)
+    out = torch.mul(t, x).mul_(du).mul_(du).neg_().add_(du).add_(x2.mul_(3.0 * a * c))
+    return out.mul_(t.mul_(t).neg_().add_(1.0))
 
 
 def _masks(commits: list[int], like: Tensor) -> dict[int, Tensor | None]:
@@ -259,6 +260,10 @@ class _Layout:
         torch.sub(xk, xv, out=self.diff.view(B, H, b, D))
         return torch.addcmul(self.gamma_beta, self.gamma, self.diff)
 
+    def view(self, x: Tensor, n: int) -> Tensor:
+        """Mini-batch ``n`` of ``x`` [B, L, H, ...] as a [B, H, b, ...] view."""
+        return x[:, n * self.b : (n + 1) * self.b].transpose(1, 2)
+
     def scatter(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """[N, BH, b, ...] -> [B, L, H, ...] (into ``out`` if given)."""
         if out is None:
@@ -292,14 +297,14 @@ class _ChunkLinear(torch.autograd.Function):
         lay = _Layout(q, k, v, e, tok, gamma, beta)
         N, BH, b, D = lay.N, lay.BH, lay.b, lay.D
         masks = _masks(commits, w)
-        # anchors: all of them for the backward, else two buffers (no allocation per mini-batch)
-        ws = w.new_empty(N + 1 if save else 2, BH, D + 1, D)
+        # anchors: all of them for the backward, else one buffer updated in place
+        ws = w.new_empty(N + 1 if save else 1, BH, D + 1, D)
         ws[0] = w
         zz = q.new_empty(N, BH, 2 * b, D)  # [keys; queries] @ anchor
         G = q.new_empty(N, BH, b, D)  # LN-fused gradients at the anchor
         snaps = {}
         for n in range(N):
-            w_n, w_next = (ws[n], ws[n + 1]) if save else (ws[n % 2], ws[(n + 1) % 2])
+            w_n, w_next = (ws[n], ws[n + 1]) if save else (ws[0], ws[0])
             if n in masks:
                 snaps[n] = w_n if save else w_n.clone()
             torch.bmm(lay.kq[n], w_n, out=zz[n])
@@ -307,7 +312,7 @@ class _ChunkLinear(torch.autograd.Function):
             torch.baddbmm(w_n, (lay.xk[n] * lay.el[n]).mT, G[n], alpha=-1.0, out=w_next)
             if n == 0 and acc is not None:
                 w_next.addcmul_(acc, tok[-1], value=-1.0)
-        snaps[N] = ws[N if save else N % 2]
+        snaps[N] = ws[N if save else 0]
 
         A = torch.matmul(lay.xq, lay.xk.mT).mul_(lay.E)  # E * (xq xk^T + 1)
         zq = torch.baddbmm(zz[:, :, b:].flatten(0, 1), A.flatten(0, 1), G.flatten(0, 1), alpha=-1.0)
@@ -338,14 +343,14 @@ class _ChunkLinear(torch.autograd.Function):
 
         # o = xq + gamma * LN(zq) + beta, zq = [xq, 1] @ w - (E * S) @ G (- tok * [xq, 1] @ acc in mini-batch 0)
         do_c = _chunked(do, b)
-        dgamma = (do_c * ((zq - mu_q) * rstd_q)).sum(dim=(0, 2))[:, None]
+        dgamma = (zq - mu_q).mul_(rstd_q).mul_(do_c).sum(dim=(0, 2))[:, None]
         dbeta = do_c.sum(dim=(0, 2))[:, None]
         dzq = _ln_grad(do_c * gamma, zq, mu_q, rstd_q)
         S = xq @ xk.mT
-        dA = -(dzq @ G.mT)
+        dA = (dzq @ G.mT).neg_()
         dS = dA * E
         dE = torch.tril(dA * S)
-        dG = -((E * S).mT @ dzq)  # plus, in the loop, the commit's share
+        dG = ((E * S).mT @ dzq).neg_()  # plus, in the loop, the commit's share
         dkq = torch.cat([dS.mT @ xq, dS @ xk], dim=2)  # [N, BH, 2b, D + 1]
         dtok = (dE @ lay.e).sum(dim=(0, 1))[:, 0]
         de = dE.mT @ tok[:, None]  # [N, BH, b, 1]
@@ -368,7 +373,7 @@ class _ChunkLinear(torch.autograd.Function):
             dw = dws[n]
             if n in masks:  # acc_out = sum_j eta_j [xk_j, 1]^T g_j for the rows that stop here
                 dG[n] += _masked((xk[n] * lay.e[n]) @ dacc_out, masks[n])
-            dg = torch.baddbmm(dG[n], xk[n] * lay.el[n], dw, alpha=-1.0)  # w_next = w - (el [xk, 1])^T g
+            dg = dG[n].baddbmm_(xk[n] * lay.el[n], dw, alpha=-1.0)  # w_next = w - (el [xk, 1])^T g
             c = lay.loss_const(n)
             x = _ln_l2_grad_vjp(dg, G[n], zz[n, :, :b], c, lay.gamma2, dz=dzz[n, :, :b], dc=dc[n])
             dgamma2 += (dc[n] * x).sum(dim=1, keepdim=True)
@@ -377,8 +382,9 @@ class _ChunkLinear(torch.autograd.Function):
             if n in masks:
                 dw += _masked(dw_out, masks[n])
 
-        dkq += dzz @ ws[:N].mT
-        du = -(G @ dws.mT)  # through w_next = w - (el [xk, 1])^T g
+        flat = torch.Tensor.flatten
+        flat(dkq, 0, 1).baddbmm_(flat(dzz, 0, 1), flat(ws[:N], 0, 1).mT)
+        du = (G @ dws.mT).neg_()  # through w_next = w - (el [xk, 1])^T g
         dkq[:, :, :b] += lay.el * du
         d_el = (du * xk).sum(dim=-1, keepdim=True)
         de += tok[-1] * d_el
@@ -407,8 +413,11 @@ class _ChunkMLP(torch.autograd.Function):
     """TTT-MLP dual form with a hand-written backward.
 
     As :class:`_ChunkLinear`, with the state ``w1`` [BH, D + 1, F] (``[W1; b1]``), ``w2`` [BH, F, D], ``b2``
-    [BH, 1, D] and the accumulators ``a1, a2, a3`` (or all None) of the same shapes. The second layer's anchors are
-    kept for every mini-batch (the outputs are formed after the loop).
+    [BH, 1, D] and the accumulators ``a1, a2, a3`` (or all None) of the same shapes.
+
+    With a backward to follow, every anchor and inner gradient is kept and the outputs are formed after the loop.
+    Without one, the outputs are formed inside the loop from the current anchor: keeping the second layer's anchor
+    of every mini-batch would cost ``N * F * D`` floats per head.
     """
 
     @staticmethod
@@ -418,63 +427,78 @@ class _ChunkMLP(torch.autograd.Function):
         Fh = w1.shape[-1]
         acc = None if a1 is None else (a1, a2, a3)
         masks = _masks(commits, w1)
-        w1s = w1.new_empty(N + 1 if save else 2, BH, D + 1, Fh)
-        w2s, b2s = w2.new_empty(N + 1, BH, Fh, D), b2.new_empty(N + 1, BH, 1, D)
+        n_anchors = N + 1 if save else 1  # all of them for the backward, else one buffer updated in place
+        w1s = w1.new_empty(n_anchors, BH, D + 1, Fh)
+        w2s, b2s = w2.new_empty(n_anchors, BH, Fh, D), b2.new_empty(n_anchors, BH, 1, D)
         w1s[0], w2s[0], b2s[0] = w1, w2, b2
-        zz1 = q.new_empty(N, BH, 2 * b, Fh)  # [keys; queries] @ anchor
-        x2, G1 = q.new_empty(N, BH, b, Fh), q.new_empty(N, BH, b, Fh)
-        G2 = q.new_empty(N, BH, b, D)
-        snaps = {}
+        if save:
+            zz1 = q.new_empty(N, BH, 2 * b, Fh)  # [keys; queries] @ anchor
+            x2, G1 = q.new_empty(N, BH, b, Fh), q.new_empty(N, BH, b, Fh)
+            G2 = q.new_empty(N, BH, b, D)
+        else:
+            o = torch.empty_like(q)
+        A1 = torch.matmul(lay.xq, lay.xk.mT).mul_(lay.E)  # E * (xq xk^T + 1)
+        out_state = [torch.zeros_like(t) for t in (w1, w2, b2)]
+        out_acc = [torch.zeros_like(t) for t in (w1, w2, b2)]
         for n in range(N):
-            w1_n, w1_next = (w1s[n], w1s[n + 1]) if save else (w1s[n % 2], w1s[(n + 1) % 2])
-            if n in masks:
-                snaps[n] = (w1_n if save else w1_n.clone(), w2s[n], b2s[n])
-            torch.bmm(lay.kq[n], w1_n, out=zz1[n])
-            z1 = zz1[n, :, :b]
-            _gelu(z1, out=x2[n])
-            _ln_l2_grad(torch.baddbmm(b2s[n], x2[n], w2s[n]), lay.loss_const(n), lay.gamma2, out=G2[n])
-            _gelu_grad(torch.bmm(G2[n], w2s[n].mT), z1, out=G1[n])
-            torch.baddbmm(w1_n, (lay.xk[n] * lay.el[n]).mT, G1[n], alpha=-1.0, out=w1_next)
-            g2e = G2[n] * lay.el[n]
-            torch.baddbmm(w2s[n], x2[n].mT, g2e, alpha=-1.0, out=w2s[n + 1])
-            torch.sub(b2s[n], g2e.sum(dim=1, keepdim=True), out=b2s[n + 1])
+            i, j = (n, n + 1) if save else (0, 0)
+            w1_n, w2_n, b2_n = w1s[i], w2s[i], b2s[i]
+            zz1_n = torch.bmm(lay.kq[n], w1_n, out=zz1[n] if save else None)
+            z1 = zz1_n[:, :b]
+            x2_n = _gelu(z1, out=x2[n] if save else None)
+            g2 = _ln_l2_grad(torch.baddbmm(b2_n, x2_n, w2_n), lay.loss_const(n), lay.gamma2,
+                             out=G2[n] if save else torch.empty_like(lay.diff))  # fmt: skip
+            g1 = _gelu_grad(torch.bmm(g2, w2_n.mT), z1, out=G1[n] if save else None)
+            if n in masks:  # rows that stop here: this anchor, and this mini-batch's gradients pending
+                g2e = g2 * lay.e[n]
+                pending = [_pending(lay, n, g1), x2_n.mT @ g2e, g2e.sum(dim=1, keepdim=True)]
+                for t, p in zip(out_state, (w1_n, w2_n, b2_n), strict=True):
+                    t += _masked(p, masks[n])
+                for t, x, a in zip(out_acc, pending, acc or (None,) * 3, strict=True):
+                    t += _masked(x if n > 0 or a is None else x + a, masks[n])
+            if not save:
+                z1q = torch.baddbmm(zz1_n[:, b:], A1[n], g1, alpha=-1.0)
+                if n == 0 and acc is not None:
+                    z1q -= tok[:, None] * (lay.xq[0] @ a1)
+                x2q = _gelu(z1q)
+                z2q = torch.baddbmm(b2_n, x2q, w2_n)
+                z2q.baddbmm_(torch.addcmul(lay.E[n], lay.E[n], x2q @ x2_n.mT), g2, alpha=-1.0)  # E (x2q x2^T + 1)
+                if n == 0 and acc is not None:
+                    z2q -= tok[:, None] * torch.baddbmm(a3, x2q, a2)
+                y = _ln(z2q, (D,), None, None, LN_EPS)[0].mul_(gamma).add_(beta).add_(lay.xq[n, ..., :D])
+                lay.view(o, n).copy_(y.view(lay.B, lay.H, b, D))
+            g2e = g2 * lay.el[n]
+            torch.baddbmm(w1_n, (lay.xk[n] * lay.el[n]).mT, g1, alpha=-1.0, out=w1s[j])  # in place when j == i
+            torch.baddbmm(w2_n, x2_n.mT, g2e, alpha=-1.0, out=w2s[j])
+            torch.sub(b2_n, g2e.sum(dim=1, keepdim=True), out=b2s[j])
             if n == 0 and acc is not None:
-                for t, a in zip((w1_next, w2s[1], b2s[1]), acc, strict=True):
+                for t, a in zip((w1s[j], w2s[j], b2s[j]), acc, strict=True):
                     t.addcmul_(a, tok[-1], value=-1.0)
-        snaps[N] = (w1s[N if save else N % 2], w2s[N], b2s[N])
+        if N in masks:
+            i = N if save else 0
+            for t, p in zip(out_state, (w1s[i], w2s[i], b2s[i]), strict=True):
+                t += _masked(p, masks[N])
+        ctx.commits = commits
+        if not save:
+            return o, *out_state, *out_acc
 
         def flat(t):
             return t.flatten(0, 1)
 
-        A1 = torch.matmul(lay.xq, lay.xk.mT).mul_(lay.E)  # E * (xq xk^T + 1)
         z1q = torch.baddbmm(flat(zz1[:, :, b:]), flat(A1), flat(G1), alpha=-1.0).view(N, BH, b, Fh)
         if acc is not None:
             z1q[0] -= tok[:, None] * (lay.xq[0] @ a1)
         x2q = _gelu(z1q)
         A2 = torch.addcmul(lay.E, lay.E, x2q @ x2.mT)  # E * (x2q x2^T + 1)
         z2q = torch.baddbmm(flat(b2s[:N]), flat(x2q), flat(w2s[:N]))
-        z2q = torch.baddbmm(z2q, flat(A2), flat(G2), alpha=-1.0).view(N, BH, b, D)
+        z2q = z2q.baddbmm_(flat(A2), flat(G2), alpha=-1.0).view(N, BH, b, D)
         if acc is not None:
             z2q[0] -= tok[:, None] * torch.baddbmm(a3, x2q[0], a2)
         yhat, mu_q, rstd_q = _ln(z2q, (D,), None, None, LN_EPS)
         o = lay.scatter(yhat.mul_(gamma).add_(beta).add_(lay.xq[..., :D]), torch.empty_like(q))
-
-        out_state = [sum(_masked(snaps[n][i], m) for n, m in masks.items()) for i in range(3)]
-        pending = {}
-        for n in masks:
-            if n == N:
-                pending[n] = [torch.zeros_like(t) for t in (w1, w2, b2)]
-                continue
-            g2e = G2[n] * lay.e[n]
-            pending[n] = [_pending(lay, n, G1[n]), x2[n].mT @ g2e, g2e.sum(dim=1, keepdim=True)]
-            if n == 0 and acc is not None:
-                pending[n] = [p + a for p, a in zip(pending[n], acc, strict=True)]
-        out_acc = [sum(_masked(pending[n][i], m) for n, m in masks.items()) for i in range(3)]
-        ctx.commits = commits
-        if save:
-            ctx.save_for_backward(
-                q, k, v, e, tok, gamma, beta, a1, a2, a3, w1s, w2s, b2s, zz1, x2, G1, G2, z1q, x2q, z2q, mu_q, rstd_q
-            )
+        ctx.save_for_backward(
+            q, k, v, e, tok, gamma, beta, a1, a2, a3, w1s, w2s, b2s, zz1, x2, G1, G2, z1q, x2q, z2q, mu_q, rstd_q
+        )
         return o, *out_state, *out_acc
 
     @staticmethod
@@ -496,16 +520,17 @@ class _ChunkMLP(torch.autograd.Function):
 
         # o = xq + gamma * LN(z2q) + beta; z2q = x2q @ w2 + b2 - (E * (x2q x2^T + 1)) @ G2 (- tok * (x2q @ a2 + a3))
         do_c = _chunked(do, b)
-        dgamma = (do_c * ((z2q - mu_q) * rstd_q)).sum(dim=(0, 2))[:, None]
+        dgamma = (z2q - mu_q).mul_(rstd_q).mul_(do_c).sum(dim=(0, 2))[:, None]
         dbeta = do_c.sum(dim=(0, 2))[:, None]
         dz2q = _ln_grad(do_c * gamma, z2q, mu_q, rstd_q)
         S2 = (x2q @ x2.mT).add_(1.0)
-        dA2 = -(dz2q @ G2.mT)
+        dA2 = (dz2q @ G2.mT).neg_()
         dS2 = dA2 * E
         dE = torch.tril(dA2 * S2)
         w2T = flat(w2s[:N]).mT
-        dx2q = torch.baddbmm(flat(dS2 @ x2), flat(dz2q), w2T).view(N, BH, b, Fh)
-        dG2 = -((E * S2).mT @ dz2q)  # plus, in the loop, the inner-loop shares
+        dx2q = torch.bmm(flat(dz2q), w2T).view(N, BH, b, Fh)
+        flat(dx2q).baddbmm_(flat(dS2), flat(x2))
+        dG2 = ((E * S2).mT @ dz2q).neg_()  # plus, in the loop, the inner-loop shares
         dx2 = dS2.mT @ x2q
         dtok = torch.zeros_like(tok)
         dacc = None
@@ -515,12 +540,12 @@ class _ChunkMLP(torch.autograd.Function):
             dacc = [torch.zeros_like(a1), -(x2q[0].mT @ tz), -tz.sum(dim=1, keepdim=True)]
             dtok -= (dz2q[0] * torch.baddbmm(a3, x2q[0], a2)).sum(dim=(0, 2))
         # x2q = gelu(z1q), z1q = [xq, 1] @ w1 - (E * S1) @ G1 (- tok * [xq, 1] @ a1)
-        dz1q = _gelu_grad(dx2q, z1q)
+        dz1q = _gelu_grad(dx2q, z1q, out=dx2q)
         S1 = xq @ xk.mT
-        dA1 = -(dz1q @ G1.mT)
+        dA1 = (dz1q @ G1.mT).neg_()
         dS1 = dA1 * E
         dE += torch.tril(dA1 * S1)
-        dG1 = -((E * S1).mT @ dz1q)
+        dG1 = ((E * S1).mT @ dz1q).neg_()
         dkq = torch.cat([dS1.mT @ xq, dS1 @ xk], dim=2)  # [N, BH, 2b, D + 1]
         dtok += (dE @ lay.e).sum(dim=(0, 1))[:, 0]
         de = dE.mT @ tok[:, None]  # [N, BH, b, 1]
@@ -540,21 +565,22 @@ class _ChunkMLP(torch.autograd.Function):
         dc, dz2 = torch.empty_like(G2), torch.empty_like(G2[0])
         d_el = torch.empty_like(lay.e)
         dgamma2 = torch.zeros_like(gamma)
-        dst = [_masked(t, masks[N]) if N in masks else torch.zeros_like(t) for t in d_out]
+        # updated in place below: own copies
+        dst = [_masked(t, masks[N]).clone() if N in masks else torch.zeros_like(t) for t in d_out]
+        dw1, dw2, db2 = dst
         for n in reversed(range(N)):
             if n == 0 and acc is not None:  # the commit of mini-batch 0 also subtracts token_idx[-1] * acc
                 for i in range(3):
                     dacc[i] -= tok[-1] * dst[i]
                     dtok[-1] -= (acc[i] * dst[i]).sum()
-            dw1, dw2, db2 = dst
             el, xk_n, g1, g2, x2n, w2n = lay.el[n], xk[n], G1[n], G2[n], x2[n], w2s[n]
             # the commit: w1 - (el [xk, 1])^T g1, w2 - x2^T (el g2), b2 - sum(el g2)
-            dg1 = torch.baddbmm(dG1[n], xk_n * el, dw1, alpha=-1.0)
+            dg1 = dG1[n].baddbmm_(xk_n * el, dw1, alpha=-1.0)
             du1 = torch.bmm(g1, dw1.mT)
             dkq[n, :, :b].addcmul_(el, du1, value=-1.0)
             y = torch.baddbmm(db2, x2n, dw2)
-            dg2 = torch.addcmul(dG2[n], el, y, value=-1.0)
-            dx2n = torch.baddbmm(dx2[n], g2 * el, dw2.mT, alpha=-1.0)
+            dg2 = dG2[n].addcmul_(el, y, value=-1.0)
+            dx2n = dx2[n].baddbmm_(g2 * el, dw2.mT, alpha=-1.0)
             d_el[n] = -(du1 * xk_n).sum(dim=-1, keepdim=True) - (g2 * y).sum(dim=-1, keepdim=True)
             if n in masks:  # acc_out = ([xk, 1]^T (e g1), x2^T (e g2), sum(e g2)) for the rows that stop here
                 m, e_n = masks[n], lay.e[n]
@@ -567,21 +593,21 @@ class _ChunkMLP(torch.autograd.Function):
                 de[n] += (dxke * xk_n).sum(dim=-1, keepdim=True) + (g2 * y).sum(dim=-1, keepdim=True)
             # G1 = (G2 w2^T) * gelu'(z1), G2 = ln_l2_grad(x2 w2 + b2), x2 = gelu(z1)
             dm1 = _gelu_grad(dg1, z1[n])
-            dg2 = torch.baddbmm(dg2, dm1, w2n)
+            dg2.baddbmm_(dm1, w2n)
             x = _ln_l2_grad_vjp(dg2, g2, z2[n], lay.loss_const(n), lay.gamma2, dz=dz2, dc=dc[n])
             dgamma2 += (dc[n] * x).sum(dim=1, keepdim=True)
             dgamma += (dc[n] * (lay.beta + lay.diff)).sum(dim=1, keepdim=True)
-            dx2n = torch.baddbmm(dx2n, dz2, w2n.mT)
-            dz1 = _gelu_grad(dx2n, z1[n]).addcmul_(dg1, q2[n])
-            dzz1[n, :, :b] = dz1
-            dw1 = torch.baddbmm(dw1, lay.kq[n].mT, dzz1[n])
-            dw2 = torch.baddbmm(torch.baddbmm(torch.baddbmm(dw2, x2q[n].mT, dz2q[n]), x2n.mT, dz2), dm1.mT, g2)
-            db2 = db2 + dz2q_sum[n] + dz2.sum(dim=1, keepdim=True)
-            dst = [dw1, dw2, db2]
+            dx2n.baddbmm_(dz2, w2n.mT)
+            dzz1[n, :, :b] = _gelu_grad(dx2n, z1[n]).addcmul_(dg1, q2[n])
+            dw1.baddbmm_(lay.kq[n].mT, dzz1[n])
+            dw2.baddbmm_(x2q[n].mT, dz2q[n]).baddbmm_(x2n.mT, dz2).baddbmm_(dm1.mT, g2)
+            db2 += dz2q_sum[n]
+            db2 += dz2.sum(dim=1, keepdim=True)
             if n in masks:
-                dst = [t + _masked(d, masks[n]) for t, d in zip(dst, d_out, strict=True)]
+                for t, d in zip(dst, d_out, strict=True):
+                    t += _masked(d, masks[n])
 
-        dkq += dzz1 @ w1s[:N].mT
+        flat(dkq).baddbmm_(flat(dzz1), flat(w1s[:N]).mT)
         de += tok[-1] * d_el
         dtok[-1] += (d_el * lay.e).sum()
         if acc is not None and 0 in masks:
