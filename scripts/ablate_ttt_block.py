@@ -123,7 +123,7 @@ def cmd_summary(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any], steps: dict[str, int]) -> str:
     def ci(e: dict | None) -> str:
-        if e is None:
+        if e is None or e["mean"] is None:
             return ""
         if e["ci95"] is None:
             return f"{e['mean']:.3f}"
