@@ -29,7 +29,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path: Path) -> None:
     assert report["checkpoints"]["ttt"]["ttt"]["kind"] == "inplace" and report["checkpoints"]["base"]["ttt"] is None
     recall = on_disk["recall"]
     assert recall["n_documents"] == 8 and recall["n_voices"] == 4 and recall["ttt_variant"] == "inplace"
-    assert {"window_nll", "ttt_nll", "diff_ci95", "full_nll", "gap_closed"} <= set(recall)
+    assert {"window_nll", "ttt_nll", "diff_ci95", "full_nll", "gap_closed", "full_diff_ci95"} <= set(recall)
     lo, hi = recall["diff_ci95"]
     assert lo <= recall["diff"] <= hi and recall["diff"] == pytest.approx(recall["ttt_nll"] - recall["window_nll"])
     assert recall["receptive_field"] == 38 and recall["plot"] in on_disk["plots"]

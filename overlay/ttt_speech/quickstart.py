@@ -100,10 +100,18 @@ def run_recall(out: Path, seed: int = 0, steps: int = 250, documents: int | None
     line = f"      {ttt} - window on the repeat (text): {diff.mean:+.3f} nats, {ci} (paired by document, cluster " \
            f"bootstrap over voices; one training seed)"
     if "full" in mean:
+        full = rs.paired_by_document(results["full"], results["window"], "text_repeat")
         section["full_nll"] = mean["full"]["text_repeat"]
-        section["gap_closed"] = (mean["window"]["text_repeat"] - mean[ttt]["text_repeat"]) / \
+        section["full_diff_ci95"] = full.ci95
+        # a ratio over a gap that may be zero is no measurement: only when full attention beats the window
+        section["gap_closed"] = None if full.hi is None or full.hi >= 0 else \
+            (mean["window"]["text_repeat"] - mean[ttt]["text_repeat"]) / \
             (mean["window"]["text_repeat"] - mean["full"]["text_repeat"])
-        line += f"; gap closed (window - {ttt}) / (window - full) = {section['gap_closed']:.2f}"
+        line += f"\n      full - window: {full.mean:+.3f} nats" + ("" if full.ci95 is None else
+                                                              f", 95% CI [{full.lo:+.3f}, {full.hi:+.3f}]")
+        line += "; gap closed (window - {}) / (window - full) = {}".format(
+            ttt, "n/a: full attention does not beat the window here" if section["gap_closed"] is None
+            else f"{section['gap_closed']:.2f}")
     print(line)
     section["plot"] = str(_recall_plot(results, out / "recall" / "recall.png"))
     return section

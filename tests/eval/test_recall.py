@@ -134,6 +134,11 @@ def test_summary_statistics_by_hand() -> None:
     assert "diff_vs_window" not in summary["window"] and summary["full"]["gap_closed"]["per_seed"] == [1.0] * 3
     assert "n/a" not in recall.format_table(summary, chance=math.log(8))
 
+    # no gap closed where the oracle does not beat the reference
+    flat = [r for r in results if r["variant"] != "full"] + [_result("full", s, [4.0, 4.0]) for s in range(3)]
+    g = recall.summarize(flat)["v"]["gap_closed"]
+    assert g["mean"] is None and g["ci95"] is None and "does not beat" in g["note"]
+
 
 def test_flattened() -> None:
     assert recall.flattened([5.0] * 80 + [1.0] * 20) == (True, 0.0)

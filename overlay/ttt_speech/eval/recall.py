@@ -316,8 +316,9 @@ def summarize(results: Sequence[dict[str, Any]], reference: str = "window", orac
               metric: str = "copy_nll", curve: str = "copy_nll", extra: Sequence[str] = ("filler_nll",)
               ) -> dict[str, Any]:
     """Per variant: `metric` (mean over seeds, t CI), the paired difference against `reference` (per seed, then t
-    over seeds), the gap closed `(reference - variant) / (reference - oracle)` (per seed, then t over seeds), the
-    `extra` metrics, and whether each seed's training `curve` flattened. Seeds are paired by their seed number.
+    over seeds), the gap closed `(reference - variant) / (reference - oracle)` (per seed, then t over seeds; only
+    where the CI of the gap `reference - oracle` excludes 0, else its mean is None), the `extra` metrics, and
+    whether each seed's training `curve` flattened. Seeds are paired by their seed number.
     Each result holds `variant`, `seed`, `train_seconds`, `curve`, and per evaluation item the values of `metric`
     and `extra` (means are taken over items within a seed)."""
     by: dict[str, dict[int, dict]] = {}
@@ -342,8 +343,14 @@ def summarize(results: Sequence[dict[str, Any]], reference: str = "window", orac
             row["diff_vs_" + reference] = {**_est(t_interval(diff)), "per_seed": diff}
             if oracle in mean:
                 both = [s for s in paired if s in mean[oracle]]
-                ratio = [(mean[reference][s] - mean[v][s]) / (mean[reference][s] - mean[oracle][s]) for s in both]
-                row["gap_closed"] = {**_est(t_interval(ratio)), "per_seed": ratio}
+                gap = t_interval([mean[reference][s] - mean[oracle][s] for s in both])
+                if gap.lo is not None and gap.lo > 0:
+                    ratio = [(mean[reference][s] - mean[v][s]) / (mean[reference][s] - mean[oracle][s])
+                             for s in both]
+                    row["gap_closed"] = {**_est(t_interval(ratio)), "per_seed": ratio}
+                else:  # a ratio over a gap that may be zero measures nothing
+                    row["gap_closed"] = {"mean": None, "ci95": None, "n": len(both), "per_seed": None,
+                                         "note": f"{oracle} does not beat {reference} (CI of the gap includes 0)"}
         rows[v] = row
     return rows
 
@@ -360,7 +367,8 @@ def format_table(summary: dict[str, Any], chance: float | None = None, metric: s
         lines.append(
             f"{v:<13} {row[metric]['mean']:>12.3f} {ci(row[metric]):>17} "
             f"{'' if d is None else format(d['mean'], '+.3f'):>9} {'' if d is None else ci(d):>17} "
-            f"{'' if g is None else format(g['mean'], '.2f'):>10} {'' if g is None else ci(g):>17} "
+            f"{'' if g is None else 'n/a' if g['mean'] is None else format(g['mean'], '.2f'):>10} "
+            f"{'' if g is None else ci(g):>17} "
             f"{'' if extra is None else format(row[extra]['mean'], '.3f'):>7} "
             f"{sum(row['flattened'])}/{len(row['flattened']):<3} {row['train_seconds']:>7.0f}")
     if chance is not None:
