@@ -146,34 +146,49 @@ def _normalize(z: Tensor) -> tuple[Tensor, Tensor]:
     return zc.mul_(rstd), rstd
 
 
+# PyTorch runs an elementwise op or reduction on the calling thread below this many elements (its
+# at::internal::GRAIN_SIZE). The per-mini-batch LN math is split into row blocks under it: opening a parallel region
+# costs more than these ops, and on a busy machine a region waits for a descheduled thread.
+_SERIAL_NUMEL = 32768
+
+
+def _row_blocks(x: Tensor) -> list[slice]:
+    """Slices of dim 0 of ``x`` holding fewer than ``_SERIAL_NUMEL`` elements each (at least one row)."""
+    per = max(1, (_SERIAL_NUMEL - 1) // max(1, x[0].numel()))
+    return [slice(i, i + per) for i in range(0, x.shape[0], per)]
+
+
 def _ln_l2_grad(z: Tensor, c: Tensor, gamma2: Tensor, out: Tensor) -> Tensor:
-    """:func:`.loss.ln_fused_l2_grad` of one mini-batch into ``out``, with the target folded into
-    ``c = gamma * (beta - target)`` and ``gamma2 = gamma ** 2``.
+    """:func:`.loss.ln_fused_l2_grad` of one mini-batch ([BH, b, D]) into ``out``, with the target folded into
+    ``c = gamma * (beta - target)`` and ``gamma2 = gamma ** 2`` ([BH, 1, D]).
 
-    Written with small elementwise ops on purpose: at these sizes they run on the calling thread, where the fused
-    LayerNorm kernels would open a parallel region per call.
+    Small elementwise ops in row blocks on purpose (see ``_SERIAL_NUMEL``); a fused LayerNorm kernel would open a
+    parallel region per mini-batch.
     """
-    x, rstd = _normalize(z)
-    gx = torch.addcmul(c, gamma2, x)  # gamma * (LN(z) - target)
-    gx -= _mean(gx)
-    torch.addcmul(gx, x, _mean(gx * x), value=-1.0, out=out)
-    return out.mul_(rstd)
+    for r in _row_blocks(z):
+        x, rstd = _normalize(z[r])
+        gx = torch.addcmul(c[r], gamma2[r], x)  # gamma * (LN(z) - target)
+        gx -= _mean(gx)
+        torch.addcmul(gx, x, _mean(gx * x), value=-1.0, out=out[r]).mul_(rstd)
+    return out
 
 
-def _ln_l2_grad_vjp(dg: Tensor, g: Tensor, z: Tensor, c: Tensor, gamma2: Tensor, dz: Tensor, dc: Tensor) -> Tensor:
-    """Pull ``dg`` back through ``g = _ln_l2_grad(z, c, gamma2)``: writes ``dz`` and ``dc`` and returns ``xhat``
-    (``d gamma2 = sum(dc * xhat)``)."""
-    x, rstd = _normalize(z)
-    gx = torch.addcmul(c, gamma2, x)
-    s = _mean(dg * x)
-    torch.addcmul(dg - _mean(dg), x, s, value=-1.0, out=dc).mul_(rstd)  # d gx
-    dx = gamma2 * dc
-    dx.addcmul_(dg, rstd * _mean(gx * x), value=-1.0)
-    dx.addcmul_(gx, rstd * s, value=-1.0)
-    t = _mean(dx * x) + _mean(dg * g)  # the second term: through the gradient's own 1/std factor
-    dx -= _mean(dx)
-    torch.addcmul(dx, x, t, value=-1.0, out=dz).mul_(rstd)
-    return x
+def _ln_l2_grad_vjp(dg, g, z, c, gamma2, dz, dc, dgamma2) -> None:
+    """Pull ``dg`` back through ``g = _ln_l2_grad(z, c, gamma2)``: writes ``dz`` and ``dc`` and adds
+    ``d gamma2 = sum_b(dc * xhat)`` to ``dgamma2`` [BH, 1, D]."""
+    for r in _row_blocks(z):
+        x, rstd = _normalize(z[r])
+        gx = torch.addcmul(c[r], gamma2[r], x)
+        dg_r = dg[r]
+        s = _mean(dg_r * x)
+        dgx = torch.addcmul(dg_r - _mean(dg_r), x, s, value=-1.0, out=dc[r]).mul_(rstd)
+        dgamma2[r] += (dgx * x).sum(dim=1, keepdim=True)
+        dx = gamma2[r] * dgx
+        dx.addcmul_(dg_r, rstd * _mean(gx * x), value=-1.0)
+        dx.addcmul_(gx, rstd * s, value=-1.0)
+        t = _mean(dx * x) + _mean(dg_r * g[r])  # the second term: through the gradient's own 1/std factor
+        dx -= _mean(dx)
+        torch.addcmul(dx, x, t, value=-1.0, out=dz[r]).mul_(rstd)
 
 
 def _gelu(x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -230,8 +245,9 @@ class _Layout:
     mini-batch ``n`` of head-row ``r`` (``BH = B * H`` of them) at ``[n, r]``.
 
     ``kq`` [N, BH, 2b, D + 1] holds ``[[xk, 1]; [xq, 1]]`` per mini-batch (the 1 column carries the bias), ``e``
-    [N, BH, b, 1], ``el = token_idx[-1] * e`` (the committed step), ``E = tril(token_idx_i * eta_j)`` [N, BH, b, b].
-    :meth:`loss_const` gives ``c = gamma * (beta - (xv - xk))`` of one mini-batch.
+    [N, BH, b, 1], ``el = token_idx[-1] * e`` (the committed step), ``upd = el * [xk, 1]`` [N, BH, b, D + 1] (the
+    keys of the commit), ``E = tril(token_idx_i * eta_j)`` [N, BH, b, b], ``kvb = xk - xv + beta`` and ``c = gamma
+    * kvb`` [N, BH, b, D] (the constant of the LN-fused gradient).
     """
 
     def __init__(self, q, k, v, e, tok, gamma, beta):
@@ -239,7 +255,7 @@ class _Layout:
         b = tok.numel()
         N = L // b
         self.B, self.H, self.D, self.b, self.N, self.BH = B, H, D, b, N, B * H
-        self.v, self.tok, self.gamma, self.beta = v, tok, gamma, beta
+        self.tok, self.gamma, self.beta = tok, gamma, beta
         self.kq = q.new_empty(N, B * H, 2 * b, D + 1)
         kq6 = self.kq.view(N, B, H, 2 * b, D + 1)
         kq6[:, :, :, :b, :D] = k.view(B, N, b, H, D).permute(1, 0, 3, 2, 4)
@@ -248,17 +264,11 @@ class _Layout:
         self.xk, self.xq = self.kq[:, :, :b], self.kq[:, :, b:]
         self.e = _chunked(e[..., None], b)
         self.el = tok[-1] * self.e
+        self.upd = self.xk * self.el
         self.E = torch.tril(tok[:, None] * self.e.mT)
-        self.gamma2, self.gamma_beta = gamma * gamma, gamma * beta
-        self.diff = q.new_empty(B * H, b, D)
-
-    def loss_const(self, n: int) -> Tensor:
-        """``gamma * (beta + xk - xv)`` of mini-batch ``n`` [BH, b, D]; ``self.diff`` keeps ``xk - xv``."""
-        B, H, b, D = self.B, self.H, self.b, self.D
-        xk = self.kq[n].view(B, H, 2 * b, D + 1)[:, :, :b, :D]
-        xv = self.v[:, n * b : (n + 1) * b].transpose(1, 2)
-        torch.sub(xk, xv, out=self.diff.view(B, H, b, D))
-        return torch.addcmul(self.gamma_beta, self.gamma, self.diff)
+        self.kvb = torch.sub(self.xk[..., :D], _chunked(v, b)).add_(beta)
+        self.c = self.kvb * gamma
+        self.gamma2 = gamma * gamma
 
     def view(self, x: Tensor, n: int) -> Tensor:
         """Mini-batch ``n`` of ``x`` [B, L, H, ...] as a [B, H, b, ...] view."""
@@ -308,8 +318,8 @@ class _ChunkLinear(torch.autograd.Function):
             if n in masks:
                 snaps[n] = w_n if save else w_n.clone()
             torch.bmm(lay.kq[n], w_n, out=zz[n])
-            _ln_l2_grad(zz[n, :, :b], lay.loss_const(n), lay.gamma2, out=G[n])
-            torch.baddbmm(w_n, (lay.xk[n] * lay.el[n]).mT, G[n], alpha=-1.0, out=w_next)
+            _ln_l2_grad(zz[n, :, :b], lay.c[n], lay.gamma2, out=G[n])
+            torch.baddbmm(w_n, lay.upd[n].mT, G[n], alpha=-1.0, out=w_next)
             if n == 0 and acc is not None:
                 w_next.addcmul_(acc, tok[-1], value=-1.0)
         snaps[N] = ws[N if save else 0]
@@ -373,11 +383,8 @@ class _ChunkLinear(torch.autograd.Function):
             dw = dws[n]
             if n in masks:  # acc_out = sum_j eta_j [xk_j, 1]^T g_j for the rows that stop here
                 dG[n] += _masked((xk[n] * lay.e[n]) @ dacc_out, masks[n])
-            dg = dG[n].baddbmm_(xk[n] * lay.el[n], dw, alpha=-1.0)  # w_next = w - (el [xk, 1])^T g
-            c = lay.loss_const(n)
-            x = _ln_l2_grad_vjp(dg, G[n], zz[n, :, :b], c, lay.gamma2, dz=dzz[n, :, :b], dc=dc[n])
-            dgamma2 += (dc[n] * x).sum(dim=1, keepdim=True)
-            dgamma += (dc[n] * (lay.beta + lay.diff)).sum(dim=1, keepdim=True)
+            dg = dG[n].baddbmm_(lay.upd[n], dw, alpha=-1.0)  # w_next = w - (el [xk, 1])^T g
+            _ln_l2_grad_vjp(dg, G[n], zz[n, :, :b], lay.c[n], lay.gamma2, dzz[n, :, :b], dc[n], dgamma2)
             dw = torch.baddbmm(dw, lay.kq[n].mT, dzz[n], out=dws[n - 1] if n > 0 else None)
             if n in masks:
                 dw += _masked(dw_out, masks[n])
@@ -399,7 +406,7 @@ class _ChunkLinear(torch.autograd.Function):
             dtok[-1] -= (acc * dws[0]).sum()
             if 0 in masks:
                 dacc += _masked(dacc_out, masks[0])
-        dgamma += 2 * gamma * dgamma2
+        dgamma += 2 * gamma * dgamma2 + (dc * lay.kvb).sum(dim=(0, 2))[:, None]
         dbeta += (dc * gamma).sum(dim=(0, 2))[:, None]
         dc *= gamma  # c = gamma * (beta + xk - xv)
         dq = lay.scatter(do_c + dkq[:, :, b:, :D])
@@ -446,8 +453,8 @@ class _ChunkMLP(torch.autograd.Function):
             zz1_n = torch.bmm(lay.kq[n], w1_n, out=zz1[n] if save else None)
             z1 = zz1_n[:, :b]
             x2_n = _gelu(z1, out=x2[n] if save else None)
-            g2 = _ln_l2_grad(torch.baddbmm(b2_n, x2_n, w2_n), lay.loss_const(n), lay.gamma2,
-                             out=G2[n] if save else torch.empty_like(lay.diff))  # fmt: skip
+            g2 = _ln_l2_grad(torch.baddbmm(b2_n, x2_n, w2_n), lay.c[n], lay.gamma2,
+                             out=G2[n] if save else torch.empty_like(lay.c[n]))  # fmt: skip
             g1 = _gelu_grad(torch.bmm(g2, w2_n.mT), z1, out=G1[n] if save else None)
             if n in masks:  # rows that stop here: this anchor, and this mini-batch's gradients pending
                 g2e = g2 * lay.e[n]
@@ -468,7 +475,7 @@ class _ChunkMLP(torch.autograd.Function):
                 y = _ln(z2q, (D,), None, None, LN_EPS)[0].mul_(gamma).add_(beta).add_(lay.xq[n, ..., :D])
                 lay.view(o, n).copy_(y.view(lay.B, lay.H, b, D))
             g2e = g2 * lay.el[n]
-            torch.baddbmm(w1_n, (lay.xk[n] * lay.el[n]).mT, g1, alpha=-1.0, out=w1s[j])  # in place when j == i
+            torch.baddbmm(w1_n, lay.upd[n].mT, g1, alpha=-1.0, out=w1s[j])  # in place when j == i
             torch.baddbmm(w2_n, x2_n.mT, g2e, alpha=-1.0, out=w2s[j])
             torch.sub(b2_n, g2e.sum(dim=1, keepdim=True), out=b2s[j])
             if n == 0 and acc is not None:
@@ -575,7 +582,7 @@ class _ChunkMLP(torch.autograd.Function):
                     dtok[-1] -= (acc[i] * dst[i]).sum()
             el, xk_n, g1, g2, x2n, w2n = lay.el[n], xk[n], G1[n], G2[n], x2[n], w2s[n]
             # the commit: w1 - (el [xk, 1])^T g1, w2 - x2^T (el g2), b2 - sum(el g2)
-            dg1 = dG1[n].baddbmm_(xk_n * el, dw1, alpha=-1.0)
+            dg1 = dG1[n].baddbmm_(lay.upd[n], dw1, alpha=-1.0)
             du1 = torch.bmm(g1, dw1.mT)
             dkq[n, :, :b].addcmul_(el, du1, value=-1.0)
             y = torch.baddbmm(db2, x2n, dw2)
@@ -594,9 +601,7 @@ class _ChunkMLP(torch.autograd.Function):
             # G1 = (G2 w2^T) * gelu'(z1), G2 = ln_l2_grad(x2 w2 + b2), x2 = gelu(z1)
             dm1 = _gelu_grad(dg1, z1[n])
             dg2.baddbmm_(dm1, w2n)
-            x = _ln_l2_grad_vjp(dg2, g2, z2[n], lay.loss_const(n), lay.gamma2, dz=dz2, dc=dc[n])
-            dgamma2 += (dc[n] * x).sum(dim=1, keepdim=True)
-            dgamma += (dc[n] * (lay.beta + lay.diff)).sum(dim=1, keepdim=True)
+            _ln_l2_grad_vjp(dg2, g2, z2[n], lay.c[n], lay.gamma2, dz2, dc[n], dgamma2)
             dx2n.baddbmm_(dz2, w2n.mT)
             dzz1[n, :, :b] = _gelu_grad(dx2n, z1[n]).addcmul_(dg1, q2[n])
             dw1.baddbmm_(lay.kq[n].mT, dzz1[n])
@@ -613,7 +618,7 @@ class _ChunkMLP(torch.autograd.Function):
         if acc is not None and 0 in masks:
             for i in range(3):
                 dacc[i] += _masked(da_out[i], masks[0])
-        dgamma += 2 * gamma * dgamma2
+        dgamma += 2 * gamma * dgamma2 + (dc * lay.kvb).sum(dim=(0, 2))[:, None]
         dbeta += (dc * gamma).sum(dim=(0, 2))[:, None]
         dc *= gamma  # c = gamma * (beta + xk - xv)
         dq = lay.scatter(do_c + dkq[:, :, b:, :D])
