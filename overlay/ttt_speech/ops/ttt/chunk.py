@@ -472,7 +472,9 @@ class _ChunkMLP(torch.autograd.Function):
                 z2q.baddbmm_(torch.addcmul(lay.E[n], lay.E[n], x2q @ x2_n.mT), g2, alpha=-1.0)  # E (x2q x2^T + 1)
                 if n == 0 and acc is not None:
                     z2q -= tok[:, None] * torch.baddbmm(a3, x2q, a2)
-                y = _ln(z2q, (D,), None, None, LN_EPS)[0].mul_(gamma).add_(beta).add_(lay.xq[n, ..., :D])
+                for r in _row_blocks(z2q):
+                    z2q[r] = _normalize(z2q[r])[0]
+                y = z2q.mul_(gamma).add_(beta).add_(lay.xq[n, ..., :D])
                 lay.view(o, n).copy_(y.view(lay.B, lay.H, b, D))
             g2e = g2 * lay.el[n]
             torch.baddbmm(w1_n, lay.upd[n].mT, g1, alpha=-1.0, out=w1s[j])  # in place when j == i
