@@ -144,3 +144,12 @@ def test_flattened() -> None:
     assert recall.flattened([5.0] * 80 + [1.0] * 20) == (True, 0.0)
     ok, change = recall.flattened([3.0] * 80 + [2.0] * 10 + [1.0] * 10)
     assert not ok and change == pytest.approx(-1.0)
+
+
+def test_cached_runs_are_reused_only_by_variants_they_fit(tmp_path) -> None:
+    cfg = recall.RecallConfig(**{**TINY, "steps": 1, "eval_sequences": 2})
+    first = recall.run_one("window", 0, cfg, tmp_path)
+    other_target = recall.RecallConfig(**{**TINY, "steps": 1, "eval_sequences": 2, "target": "input_embeddings"})
+    assert recall.run_one("window", 0, other_target, tmp_path) == first  # the window model has no target
+    assert cfg.relevant("inplace") != other_target.relevant("inplace")
+    assert "target" not in cfg.relevant("ttt_linear") and "block_gate_init" not in cfg.relevant("inplace")

@@ -153,6 +153,25 @@ class RecallConfig:
         d["ttt_layers"] = list(self.ttt_layers)
         return d
 
+    def relevant(self, variant: str) -> dict[str, Any]:
+        """`to_dict` without the fields that do not change `variant` (a cached window run serves every target)."""
+        return relevant_fields(self.to_dict(), variant)
+
+
+INPLACE_FIELDS = ("chunk", "inplace_lr", "target")
+BLOCK_FIELDS = ("chunk", "block_base_lr", "block_gate_init")
+
+
+def relevant_fields(config: dict[str, Any], variant: str) -> dict[str, Any]:
+    """`config` without the TTT fields `variant` does not use."""
+    if variant in ("window", "full"):
+        drop = {"ttt_layers", *INPLACE_FIELDS, *BLOCK_FIELDS}
+    elif variant.startswith("inplace"):
+        drop = set(BLOCK_FIELDS) - set(INPLACE_FIELDS)
+    else:
+        drop = set(INPLACE_FIELDS) - set(BLOCK_FIELDS)
+    return {k: v for k, v in config.items() if k not in drop}
+
 
 def receptive_field(lm_kwargs: dict[str, Any]) -> int:
     """Frames back from a predicted frame t to the earliest code frame that can reach its logits, for a moshi
@@ -265,11 +284,12 @@ def flattened(curve: Sequence[float], frac: float = 0.1, tol: float = 0.05) -> t
 def run_one(variant: str, seed: int, cfg: RecallConfig, out: Path | None = None, threads: int | None = None,
             progress: bool = False) -> dict[str, Any]:
     """Train and evaluate one (variant, seed); written to `out/runs/<variant>-s<seed>.json` when `out` is given
-    (an existing file with the same config is reused, so an interrupted benchmark resumes)."""
+    (an existing file whose config agrees on every field the variant uses is reused, so an interrupted benchmark
+    resumes, and window / full runs serve every TTT setting)."""
     path = None if out is None else Path(out) / "runs" / f"{variant}-s{seed}.json"
     if path is not None and path.is_file():
         done = json.loads(path.read_text())
-        if done.get("config") == cfg.to_dict():
+        if relevant_fields(done.get("config", {}), variant) == cfg.relevant(variant):
             return done
     if threads:
         torch.set_num_threads(threads)

@@ -55,7 +55,7 @@ from ttt_speech.data.interleave import (
 from ttt_speech.data.manifest import MAIN_SPEAKER, Word
 from ttt_speech.eval import recall_docs as rd
 from ttt_speech.eval.nll import frame_nll
-from ttt_speech.eval.recall import receptive_field
+from ttt_speech.eval.recall import receptive_field, relevant_fields
 from ttt_speech.eval.stats import Estimate, cluster_bootstrap, paired_differences
 from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, tiny_lm_kwargs
 from ttt_speech.train.loss import moshi_loss
@@ -130,6 +130,10 @@ class SpokenRecallConfig:
         d = dataclasses.asdict(self)
         d["ttt_layers"] = list(self.ttt_layers)
         return d
+
+    def relevant(self, variant: str) -> dict[str, Any]:
+        """`to_dict` without the fields that do not change `variant` (a cached window run serves every target)."""
+        return relevant_fields(self.to_dict(), variant)
 
 
 @dataclasses.dataclass
@@ -400,11 +404,13 @@ SCORES = [f"{s}_{m}" for s in ("text", "audio") for m in MENTIONS]
 def run_one(variant: str, seed: int, cfg: SpokenRecallConfig, banks: Banks, eval_docs: Sequence[SpokenDoc],
             out: Path | None = None, progress: bool = False) -> dict[str, Any]:
     """Train one (variant, seed) on documents drawn with `seed` and score it on `eval_docs`; written to
-    `out/runs/<variant>-s<seed>.json` when `out` is given (reused when its config and documents match)."""
+    `out/runs/<variant>-s<seed>.json` when `out` is given (reused when the documents and every config field the
+    variant uses match)."""
     path = None if out is None else Path(out) / "runs" / f"{variant}-s{seed}.json"
     if path is not None and path.is_file():
         done = json.loads(path.read_text())
-        if done.get("config") == cfg.to_dict() and done.get("documents") == [d.name for d in eval_docs]:
+        if relevant_fields(done.get("config", {}), variant) == cfg.relevant(variant) and \
+                done.get("documents") == [d.name for d in eval_docs]:
             return done
     t0 = time.perf_counter()
     model = build_variant(variant, cfg, seed)
