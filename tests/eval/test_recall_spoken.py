@@ -127,4 +127,25 @@ def test_summary_over_seeds_by_hand() -> None:
     assert gain["inplace"]["text_recall_gain"]["mean"] == pytest.approx(1.0)
     assert [c["mean"] for c in row["per_seed_document_ci"]] == pytest.approx([-0.5, -1.0, -1.5])
     assert all(c["ci95"] is None and c["n_clusters"] == 2 for c in row["per_seed_document_ci"])  # < 3 voices
+    assert row["document_ci"]["mean"] == pytest.approx(-1.0) and row["document_ci"]["ci95"] is None
+    assert row["document_ci"]["seeds"] == [0, 1, 2]
     assert "first - repeat" in rs.format_tables(summary)
+
+
+def test_pooled_by_document_averages_each_document_over_seeds_first() -> None:
+    """Three documents (three voices): In-Place - window is -1, -2, -3 in seed 0, -3, -2, -1 in seed 1 and -2 for
+    every document in seed 2, so each document's mean over seeds is -2 and the CI over voices collapses to [-2, -2]
+    (treating the 9 (seed, document) differences as independent observations would not)."""
+    docs, voices = ["a", "b", "c"], ["v1", "v2", "v3"]
+    window = {s: {"variant": "window", "seed": s, "documents": docs, "voices": voices, "text_repeat": [3.0] * 3}
+              for s in range(3)}
+    diffs = [[-1.0, -2.0, -3.0], [-3.0, -2.0, -1.0], [-2.0, -2.0, -2.0]]
+    runs = [{"variant": "inplace", "seed": s, "documents": docs, "voices": voices,
+             "text_repeat": [3.0 + d for d in diffs[s]]} for s in range(3)]
+    est = rs.pooled_by_document(runs, window)
+    assert est.mean == pytest.approx(-2.0) and est.ci95 == pytest.approx([-2.0, -2.0])
+    assert (est.n, est.n_clusters) == (3, 3)
+    per_seed = [rs.paired_by_document(r, window[r["seed"]]) for r in runs[:2]]
+    assert all(e.hi - e.lo > 1.0 for e in per_seed)  # the seeds alone do vary by document
+    with pytest.raises(ValueError, match="same documents"):
+        rs.pooled_by_document([runs[0], {**runs[1], "documents": docs[::-1]}], window)

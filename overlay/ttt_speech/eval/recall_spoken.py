@@ -458,10 +458,25 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for v, row in out[score].items():
             if v == "window":
                 continue
+            runs = [r for r in results if r["variant"] == v and r["seed"] in windows]
             row["per_seed_document_ci"] = [
-                {"seed": r["seed"], **_estimate_dict(paired_by_document(r, windows[r["seed"]], score))}
-                for r in results if r["variant"] == v and r["seed"] in windows]
+                {"seed": r["seed"], **_estimate_dict(paired_by_document(r, windows[r["seed"]], score))} for r in runs]
+            if runs:
+                row["document_ci"] = {"seeds": [r["seed"] for r in runs],
+                                      **_estimate_dict(pooled_by_document(runs, windows, score))}
     return out
+
+
+def pooled_by_document(results: Sequence[dict[str, Any]], windows: dict[int, dict[str, Any]],
+                       score: str = "text_repeat", n_boot: int = 10000) -> Estimate:
+    """Over seeds: per document, the mean over `results`' seeds of `result - window of the same seed`, then its
+    mean with a cluster-bootstrap CI over voices. The spread between documents and voices, not between training
+    seeds (for that, the t interval over seeds)."""
+    for r in results:
+        if r["documents"] != windows[r["seed"]]["documents"] or r["documents"] != results[0]["documents"]:
+            raise ValueError("paired comparison needs the same documents in the same order")
+    diffs = [paired_differences(r[score], windows[r["seed"]][score]) for r in results]
+    return cluster_bootstrap(np.mean(diffs, axis=0), results[0]["voices"], n_boot=n_boot)
 
 
 def _estimate_dict(e: Estimate) -> dict[str, Any]:
@@ -484,8 +499,20 @@ def format_tables(summary: dict[str, dict[str, Any]]) -> str:
             ci = "n/a" if g["ci95"] is None else f"[{g['ci95'][0]:.3f}, {g['ci95'][1]:.3f}]"
             lines.append(f"{v:<13} {row[f'{stream}_first']['mean']:>8.3f} {row[f'{stream}_repeat']['mean']:>8.3f} "
                          f"{row[f'{stream}_unrelated']['mean']:>9.3f} {g['mean']:>+15.3f} {ci:>17}")
+        paired = {v: row for v, row in rows.items() if "document_ci" in row}
+        if paired:
+            lines.append(f"{'':<13} {stream} repeat minus window, paired by document (cluster bootstrap over "
+                         "voices), per seed and pooled over seeds:")
+            for v, row in paired.items():
+                cells = [f"s{c['seed']} {_fmt_estimate(c)}" for c in row["per_seed_document_ci"]]
+                lines.append(f"{v:<13} " + "; ".join(cells) + f"; pooled {_fmt_estimate(row['document_ci'])}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _fmt_estimate(e: dict[str, Any]) -> str:
+    ci = "no CI" if e["ci95"] is None else f"[{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]"
+    return f"{e['mean']:+.3f} {ci}"
 
 
 def plot(results: Sequence[dict[str, Any]], summary: dict[str, dict[str, Any]], path: Path) -> Path:
