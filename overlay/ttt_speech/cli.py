@@ -101,6 +101,10 @@ def _main(argv: list[str] | None) -> int:
     ll.add_argument("--window", type=int, help="frames (default: the reference's attention context)")
     ll.add_argument("--reference", help="checkpoint the others are paired with (default: base, else the first)")
     ll.add_argument("--n-boot", type=int, default=10000, help="cluster-bootstrap replicates")
+    ll.add_argument("--ttt", action="append", metavar="[NAME=]SPEC",
+                    help="the TTT config a checkpoint must carry (repeatable): a training config (its ttt: "
+                    "block), a TTT config file, from_checkpoint (the default) or none (a base model); a checkpoint "
+                    "whose ttt_config.json differs is an error naming the keys")
 
     gen = ev.add_parser("generate", help="free-running LMGen for minutes: text/audio entropy and repetition over "
                         "time, base vs TTT with the same seeds (JSON, CSV, PNG)")
@@ -128,6 +132,10 @@ def _main(argv: list[str] | None) -> int:
     gen.add_argument("--top-k-text", type=int, default=25)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--ttt", action="append", metavar="[NAME=]SPEC",
+                     help="the TTT config a checkpoint must carry (repeatable): a training config (its ttt: "
+                     "block), a TTT config file, from_checkpoint (the default) or none (a base model); a checkpoint "
+                     "whose ttt_config.json differs is an error naming the keys")
 
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     lm = data.add_parser("librilight", help="long-form manifest: a speaker's chapters concatenated in order")
@@ -177,7 +185,7 @@ def _main(argv: list[str] | None) -> int:
         librilight.run(args.checkpoints, args.manifest, args.tokenizer, args.out, mimi=args.mimi,
                        codes_dir=args.codes_dir, mode=args.mode, step=args.step, bins=args.bins,
                        max_frames=args.max_frames, device=args.device, dtype=args.dtype, speakers=args.speakers,
-                       window=args.window, reference=args.reference, n_boot=args.n_boot)
+                       window=args.window, reference=args.reference, n_boot=args.n_boot, ttt=args.ttt)
     elif args.command == "eval" and args.eval_command == "generate":
         from ttt_speech.eval import generate
 
@@ -187,7 +195,8 @@ def _main(argv: list[str] | None) -> int:
                      prompt_frames=args.prompt_frames, tokenizer=args.tokenizer, mimi=args.mimi,
                      codes_dir=args.codes_dir, seeds=args.seeds, batch_size=args.batch_size,
                      window_frames=max(1, int(round(args.window_sec * generate.FRAME_RATE))), ngram=args.ngram,
-                     reference=args.reference, sampling=sampling, device=args.device, dtype=args.dtype)
+                     reference=args.reference, sampling=sampling, device=args.device, dtype=args.dtype,
+                     ttt=args.ttt)
         print(f"wrote {args.out}/generate.json, generate.csv, generate.png")
     elif args.command == "data":
         from ttt_speech.data.librilight import SPEAKERS_FILE, build_librilight_long, parse_holdout

@@ -249,22 +249,31 @@ def run(checkpoints: list[str], out_dir: str, frames: int, manifest: str | None 
         prompt_frames: int = 0, tokenizer: str | None = None, mimi: str = "tiny-random",
         codes_dir: str | None = None, seeds: Sequence[int] = (0, 1, 2), batch_size: int = 1,
         window_frames: int = 125, ngram: int = 4, reference: str | None = None, sampling: dict | None = None,
-        device: str = "cpu", dtype: str = "float32") -> dict:
+        device: str = "cpu", dtype: str = "float32", ttt: list[str] | None = None) -> dict:
     """`ttt-speech eval generate`. The user stream and prompt come from recording `index` of `manifest` (its user
     channel, cycled; its first `prompt_frames` frames of text and main audio as the prompt), else the user stream is
-    Mimi's encoding of silence and there is no prompt."""
-    from ttt_speech.eval.librilight import load_documents, parse_checkpoints
-    from ttt_speech.integrations.moshi import load_any_lm
+    Mimi's encoding of silence and there is no prompt. `ttt`: the `--ttt [NAME=]SPEC` the checkpoints are checked
+    against (`librilight.parse_ttt_specs`; default: each its own)."""
+    from ttt_speech.eval.librilight import (
+        check_checkpoint_ttt,
+        load_checkpoint,
+        load_documents,
+        parse_checkpoints,
+        parse_ttt_specs,
+    )
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     named = parse_checkpoints(checkpoints)
+    ttt_of = parse_ttt_specs(ttt, [n for n, _ in named])
+    for name, path in named:
+        check_checkpoint_ttt(path, ttt_of.get(name))
     if reference is not None and reference not in dict(named):
         raise ConfigError(f"--reference {reference!r} is not among the checkpoints {[n for n, _ in named]}")
     if manifest is None and prompt_frames:
         raise ConfigError("--prompt-frames needs --manifest (the prompt is a recording's first frames)")
     if manifest is not None and tokenizer is None:
         raise ConfigError("--manifest needs --tokenizer (for the text stream of the prompt)")
-    models = {name: (path, load_any_lm(path, device=device, dtype=torch_dtype)) for name, path in named}
+    models = {name: (path, load_checkpoint(path, ttt_of.get(name), device, torch_dtype)) for name, path in named}
     model = next(iter(models.values()))[1]
     n_user, dep_q = model.num_codebooks - model.dep_q - 1, model.dep_q
     if manifest is None:

@@ -398,16 +398,103 @@ def parse_checkpoints(specs: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+NO_TTT = "none"  # a `--ttt` config whose `ttt:` is null: the checkpoint must be a base model
+
+
+def _read_ttt_spec(spec: str) -> dict | str:
+    """One `--ttt` SPEC: `from_checkpoint`, `none`, or a YAML/JSON file: a training config (its `ttt:` block) or
+    a TTT config (the keys of `ttt_config.json`)."""
+    import yaml
+
+    from ttt_speech.integrations.moshi import FROM_CHECKPOINT, MoshiTTTConfig
+
+    if spec in (FROM_CHECKPOINT, NO_TTT):
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"--ttt {spec}: expected {FROM_CHECKPOINT}, {NO_TTT}, or a YAML/JSON file (a training "
+                          f"config with a ttt: block, or a TTT config), and no such file exists")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: cannot read the TTT config: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a TTT config must be a mapping, got {type(data).__name__}")
+    if "ttt" in data or "model" in data:  # a training config
+        data, where = data.get("ttt"), f"{path}: ttt"
+        if data is None:
+            return NO_TTT
+        if data == FROM_CHECKPOINT:
+            return FROM_CHECKPOINT
+    else:
+        where = str(path)
+    return MoshiTTTConfig.from_dict(data, where=where).to_dict()  # strict: unknown keys and wrong types named
+
+
+def parse_ttt_specs(specs: list[str] | None, names: list[str]) -> dict[str, dict | str]:
+    """`--ttt [NAME=]SPEC` (repeatable) -> {checkpoint name: TTT config dict, `from_checkpoint` or `none`}. A SPEC
+    without NAME applies to every checkpoint not named in another; a checkpoint with no SPEC takes its own
+    (`from_checkpoint`)."""
+    out: dict[str, dict | str] = {}
+    default = None
+    for item in specs or []:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            if default is not None:
+                raise ConfigError(f"--ttt given twice without a checkpoint name ({default[0]!r}, {item!r}); name them "
+                                  "NAME=SPEC")
+            default = (item, _read_ttt_spec(item))
+            continue
+        if name not in names:
+            raise ConfigError(f"--ttt {item}: no checkpoint named {name!r} (checkpoints: {', '.join(names)})")
+        if name in out:
+            raise ConfigError(f"--ttt given twice for checkpoint {name!r}")
+        out[name] = _read_ttt_spec(spec)
+    if default is not None:
+        out = {n: out.get(n, default[1]) for n in names}
+    return out
+
+
+def check_checkpoint_ttt(path: str, ttt: dict | str | None) -> dict | str | None:
+    """The stage hand-off check, before any document is encoded: a checkpoint carrying `ttt_config.json` must
+    equal `ttt` (a difference is a `CheckpointMismatch` naming the keys; `from_checkpoint` or None takes the
+    checkpoint's); `none` requires a base checkpoint. Returns the `ttt` argument of `load_any_lm`."""
+    from ttt_speech.integrations.moshi import (
+        TTT_CONFIG_FILE,
+        MoshiTTTConfig,
+        check_ttt_handoff,
+        checkpoint_ttt_config,
+    )
+
+    if ttt == NO_TTT:
+        if checkpoint_ttt_config(path) is not None:
+            raise ConfigError(f"{path}: the given config has no TTT (ttt: null), but the checkpoint carries "
+                              f"{TTT_CONFIG_FILE}; pass its training config or --ttt from_checkpoint")
+        return None
+    if isinstance(ttt, dict):
+        check_ttt_handoff(MoshiTTTConfig.from_dict(ttt, where="--ttt"), path)
+    return ttt
+
+
+def load_checkpoint(path: str, ttt: dict | str | None, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """`load_any_lm(path, ttt=)` after `check_checkpoint_ttt`."""
+    from ttt_speech.integrations.moshi import load_any_lm
+
+    return load_any_lm(path, device=device, dtype=dtype, ttt=check_checkpoint_ttt(path, ttt))
+
+
 def run(checkpoints: list[str], manifest: str, tokenizer: str, out_dir: str, mimi: str = "tiny-random",
         codes_dir: str | None = None, mode: str = "streaming", step: int = 1, bins: list[int] | None = None,
         max_frames: int | None = None, device: str = "cpu", dtype: str = "float32",
         speakers: str | None = None, window: int | None = None, reference: str | None = None,
-        n_boot: int = DEFAULT_BOOTSTRAP, print_paired: bool = True) -> dict:
-    """`ttt-speech eval librilight`: checkpoints are `NAME=PATH` or `PATH` (named by its folder)."""
-    from ttt_speech.integrations.moshi import load_any_lm
-
+        n_boot: int = DEFAULT_BOOTSTRAP, print_paired: bool = True, ttt: list[str] | None = None) -> dict:
+    """`ttt-speech eval librilight`: checkpoints are `NAME=PATH` or `PATH` (named by its folder); `ttt`: the
+    `--ttt [NAME=]SPEC` the checkpoints are checked against (`parse_ttt_specs`; default: each its own)."""
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     named = parse_checkpoints(checkpoints)
+    ttt_of = parse_ttt_specs(ttt, [n for n, _ in named])
+    for name, path in named:
+        check_checkpoint_ttt(path, ttt_of.get(name))
     if reference is not None and reference not in dict(named):
         raise ConfigError(f"--reference {reference!r} is not among the checkpoints {[n for n, _ in named]}")
     edges = bin_edges(bins or DEFAULT_BINS)
@@ -417,7 +504,7 @@ def run(checkpoints: list[str], manifest: str, tokenizer: str, out_dir: str, mim
         check_lengths([(d, int(c.shape[-1])) for d, c in docs], edges, window or 0)
     except DocumentsTooShortError as e:
         raise DocumentsTooShortError(f"{manifest}: {e}") from None
-    models = {name: (path, load_any_lm(path, device=device, dtype=torch_dtype)) for name, path in named}
+    models = {name: (path, load_checkpoint(path, ttt_of.get(name), device, torch_dtype)) for name, path in named}
     report = evaluate(models, docs, out_dir, mode=mode, step=step, bins=bins, device=device, speakers=speaker_map,
                       window=window, reference=reference, n_boot=n_boot)
     print_summary(report, paired=print_paired)

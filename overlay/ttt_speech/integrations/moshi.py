@@ -309,8 +309,8 @@ def checkpoint_ttt_config(path: str | Path, required: bool = False) -> MoshiTTTC
 
 def check_ttt_handoff(config: MoshiTTTConfig, path: str | Path) -> None:
     """Stage hand-off: `config` must equal the `ttt_config.json` beside checkpoint `path` (when there is one); any
-    difference is a ValueError naming the differing keys and both values. A config that means to take the
-    checkpoint's says `ttt: from_checkpoint` instead."""
+    difference is a `CheckpointMismatch` (a ValueError) naming the differing keys and both values. A config that
+    means to take the checkpoint's says `ttt: from_checkpoint` instead."""
     saved = checkpoint_ttt_config(path)
     if saved is None:
         return
@@ -318,9 +318,9 @@ def check_ttt_handoff(config: MoshiTTTConfig, path: str | Path) -> None:
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
         detail = "; ".join(f"{k}: config {mine.get(k)!r}, checkpoint {theirs.get(k)!r}" for k in diff)
-        raise ValueError(f"{_checkpoint_dir(path) / TTT_CONFIG_FILE}: the checkpoint's TTT config differs from the "
-                         f"given one in {', '.join(diff)} ({detail}). Restate the checkpoint's values, or use "
-                         f"`ttt: {FROM_CHECKPOINT}` to take them as they are")
+        raise CheckpointMismatch(f"{_checkpoint_dir(path) / TTT_CONFIG_FILE}: the checkpoint's TTT config differs "
+                                 f"from the given one in {', '.join(diff)} ({detail}). Restate the checkpoint's "
+                                 f"values, or use `ttt: {FROM_CHECKPOINT}` to take them as they are")
 
 
 def training_record(path: str | Path | None) -> dict[str, Any] | None:
