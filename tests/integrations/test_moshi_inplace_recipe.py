@@ -146,6 +146,30 @@ def test_the_monitor_measures_whether_the_target_has_content(target: str, tmp_pa
     assert "update_top_share" in (tmp_path / "ttt_stats.csv").read_text().splitlines()[0]
 
 
+def test_the_monitor_line_at_training_start_is_written_above_the_progress_bar(capsys) -> None:
+    """The "step 0" line goes through tqdm.write, which clears the live bar and redraws it below the line (a plain
+    print wrote it after the bar's text, on the bar's line)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from ttt_speech.train.monitor import Monitor
+
+    model = build_lm(seed=0)
+    apply_ttt(model, MoshiTTTConfig(layers=[0], chunk_size=16))
+    monitor = Monitor(model.train(), None)
+    bar = tqdm(total=4, desc="finetune", file=sys.stderr, ascii=True, mininterval=0)
+    capsys.readouterr()
+    monitor.arm()
+    model(librilight_like_codes(model))
+    monitor.collect(0)
+    out, err = capsys.readouterr()
+    bar.close()
+    assert out.startswith("TTT chunk updates at step 0 (probe, conv still zero): layer 0 top-direction share")
+    # the bar was cleared before the line (carriage return, blanks, carriage return) and drawn again after it
+    assert err.startswith("\r ") and err.count("finetune") == 1, repr(err)
+
+
 @pytest.mark.parametrize("layer_type,base_lr", [("linear", 3e-4), ("mlp", 1e-3)])
 def test_block_ttt_part_under_autocast_stays_close_to_fp32(layer_type: str, base_lr: float) -> None:
     """The TTT-Linear/MLP block audited for the same failure: with fp32 parameters the block runs outside autocast

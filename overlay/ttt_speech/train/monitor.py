@@ -7,6 +7,8 @@ import math
 import warnings
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from ttt_speech.integrations.moshi import ttt_modules
 
 FIELDS = ["step", "layer", "kind", "w_mean", "w_std", "w_max_abs", "update_norm", "inner_loss", "eta_mean",
@@ -20,16 +22,17 @@ class Monitor:
     Warns when a statistic is not finite, when max |W| exceeds `explode` (default 1e3), and when an In-Place chunk
     update is degenerate: more than `degenerate` (95%) of its energy in one direction (`update_top_share`), i.e. the
     target has no content and the fast weight only sums activations. The first collection (training start) also
-    prints each layer's top-direction share and effective rank.
+    prints each layer's top-direction share and effective rank, through `echo` (default `tqdm.write`: on a line of
+    its own above the trainer's progress bar, which is cleared and redrawn around it).
     """
 
     def __init__(self, model, path: Path | None, explode: float = 1e3, degenerate: float = DEGENERATE_SHARE,
-                 echo=print) -> None:
-        self.modules = ttt_modules(model)
+                 echo=None, modules: dict | None = None) -> None:
+        self.modules = ttt_modules(model) if modules is None else modules  # by layer index; default: Moshi's
         self.path = path
         self.explode = explode
         self.degenerate = degenerate
-        self.echo = echo
+        self.echo = echo or tqdm.write
         self.started = False
         if path is not None and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,118 @@
+"""Past the training length on the quickstart's setting, over seeds: TTT minus the base model in the last bin.
+
+Steps 3-4 of the quickstart (`ttt_speech.quickstart.run`) without submitit or plots: per seed, the tiny base model
+and the tiny TTT model are fine-tuned on the sample dialogues the same way (same seed, crops and data order), then
+`eval librilight` scores both on the 2900-frame sample audiobook. Per seed and variant it records the paired
+TTT - base difference per bin (the last bin, 1200-2000 frames, is the quickstart's claim) and the slope per
+log-frame past the window; the summary gives the mean over seeds with the half-width of the 95% t interval
+(one document: the spread is training noise between two fine-tunes, not document sampling).
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/sweep_quickstart_bound.py --out bench/quickstart_bound \
+        --seeds 0 1 2 --variant decay0.9 --ttt.decay=0.9
+
+Base runs are shared by every variant of a seed (they do not see `ttt.*`); finished runs and evals are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "data" / "samples"
+BINS = [50, 100, 200, 400, 800, 1600]
+
+
+def t95(n: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else math.nan
+
+
+def summarise(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    half = t95(len(a)) * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else None
+    return {"mean": float(a.mean()), "ci95_half": half, "n": len(a), "values": [float(v) for v in a]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench/quickstart_bound")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variant", required=True, help="name of the TTT setting (a folder under --out)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--duration-sec", type=float, default=8.0, help="training crops (the quickstart's: 8 s)")
+    p.add_argument("--eval-step", type=int, default=40, help="frames per streaming call (equal to 1 by semantics)")
+    args, overrides = p.parse_known_args()
+
+    import torch
+
+    from ttt_speech.config import load_config
+    from ttt_speech.data.codes import pre_encode
+    from ttt_speech.eval import librilight
+    from ttt_speech.train.config import TrainConfig
+    from ttt_speech.train.trainer import train
+
+    torch.set_num_threads(1)
+    out = Path(args.out).resolve()
+    codes = {}
+    for name in ("dialogues", "audiobook"):
+        codes[name] = out / "codes" / name
+        if not (codes[name] / "index.json").is_file():
+            pre_encode(SAMPLES / f"{name}.jsonl", codes[name], mimi="tiny-random")
+    config = REPO / "configs" / "tiny.yaml"
+    results = {}
+    for seed in args.seeds:
+        common = [f"--data.train_data={SAMPLES / 'dialogues.jsonl'}", f"--data.tokenizer={SAMPLES / 'tokenizer.model'}",
+                  f"--data.codes_dir={codes['dialogues']}", f"--duration_sec={args.duration_sec}",
+                  f"--max_steps={args.steps}", f"--ckpt_freq={max(1, args.steps // 2)}", "--log_freq=1",
+                  f"--seed={seed}"]
+        base_dir = out / f"base-{args.duration_sec:g}s-{args.steps}" / f"seed{seed}"
+        ttt_dir = out / args.variant / f"seed{seed}"
+        for run_dir, extra in ((base_dir, ["--ttt=null"]), (ttt_dir, overrides)):
+            if not (run_dir / "export" / "model.safetensors").is_file():
+                t0 = time.perf_counter()
+                train(load_config(TrainConfig, config, [*common, f"--run_dir={run_dir}", *extra]))
+                print(f"trained {run_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
+        report_file = ttt_dir / "eval" / "report.json"
+        if report_file.is_file():
+            report = json.loads(report_file.read_text())
+        else:
+            t0 = time.perf_counter()
+            report = librilight.run([f"base={base_dir / 'export'}", f"ttt={ttt_dir / 'export'}"],
+                                    str(SAMPLES / "audiobook.jsonl"), str(SAMPLES / "tokenizer.model"),
+                                    str(ttt_dir / "eval"), codes_dir=str(codes["audiobook"]), step=args.eval_step,
+                                    bins=BINS, print_paired=False, n_boot=200)
+            print(f"evaluated {ttt_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
+        paired = report["checkpoints"]["ttt"]["paired"]
+        results[seed] = {
+            "bins": {s: [b["streams"][s]["mean"] for b in paired["bins"]] for s in ("text", "audio")},
+            "slope_past_window": {s: paired["slope_past_window"][s]["mean"] for s in ("text", "audio")},
+            "base_last_bin": {s: report["checkpoints"]["base"]["bins"][-1]["streams"][s]["mean"]
+                              for s in ("text", "audio")},
+        }
+        r = results[seed]
+        print(f"seed {seed} {args.variant}: last bin text {r['bins']['text'][-1]:+.3f} audio "
+              f"{r['bins']['audio'][-1]:+.3f}; per bin text {[round(x, 3) for x in r['bins']['text']]} audio "
+              f"{[round(x, 3) for x in r['bins']['audio']]}", flush=True)
+    summary = {"variant": args.variant, "overrides": overrides, "steps": args.steps,
+               "duration_sec": args.duration_sec, "bins": [list(b) for b in librilight.bin_edges(BINS)],
+               "per_seed": results}
+    for stream in ("text", "audio"):
+        summary[f"last_bin_{stream}"] = summarise([r["bins"][stream][-1] for r in results.values()])
+        summary[f"slope_{stream}"] = summarise([r["slope_past_window"][stream] for r in results.values()])
+    name = f"{args.variant}-seeds{'_'.join(map(str, args.seeds))}.json"
+    (out / name).write_text(json.dumps(summary, indent=1) + "\n")
+    fmt = lambda e: f"{e['mean']:+.3f} +- {e['ci95_half']:.3f}" if e["ci95_half"] is not None else f"{e['mean']:+.3f}"
+    print(f"{args.variant} over seeds {args.seeds}: last bin text {fmt(summary['last_bin_text'])}, audio "
+          f"{fmt(summary['last_bin_audio'])}; slope text {fmt(summary['slope_text'])}, audio "
+          f"{fmt(summary['slope_audio'])} -> {out / name}")
+
+
+if __name__ == "__main__":
+    main()
