@@ -53,6 +53,28 @@ def test_window_model_is_blind_to_s_and_full_attention_is_not(trained: bool) -> 
             assert (text_a - text_b).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("trained", [False, True], ids=["init", "trained"])
+def test_the_benchmark_default_window_model_is_blind_to_s(trained: bool) -> None:
+    """The same check on the configuration `scripts/bench_recall.py` runs (4 layers, context 8, the default gap),
+    not only on the small one above."""
+    cfg = recall.RecallConfig(batch=4)
+    assert cfg.gap == recall.receptive_field(cfg.lm_kwargs("window")) + cfg.margin == 38
+    codes, swapped = replaced_s(cfg)
+    model = recall.build_variant("window", cfg, seed=0)
+    if trained:
+        recall.train(model, cfg, seed=0, steps=1)
+    model.eval()
+    text_a, audio_a = copy_outputs(model, codes, cfg)
+    text_b, audio_b = copy_outputs(model, swapped, cfg)
+    assert torch.equal(text_a, text_b) and torch.equal(audio_a, audio_b)
+    # a frame of the filler just inside the receptive field does reach the copy: the check can fail
+    inside = codes.clone()
+    t = cfg.copy_start - recall.receptive_field(cfg.lm_kwargs("window"))
+    inside[:, :, t] = (inside[:, :, t] + 1 - recall.FIRST_TEXT_ID) % cfg.vocab + recall.FIRST_TEXT_ID
+    text_c, _ = copy_outputs(model, inside, cfg)
+    assert not torch.equal(text_a, text_c)
+
+
 def test_receptive_field_is_exact() -> None:
     """A change at frame t - receptive_field reaches frame t's logits; one frame earlier does not."""
     cfg = recall.RecallConfig(**TINY)
