@@ -433,7 +433,10 @@ class LlamaTTTSelfAttention(nn.Module):
 
 
 def _gated_residual_hook(attn: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
-    """Forward hook of an attention module in `gated_residual` mode: add `tanh(ttt_gate) * ttt(x)`."""
+    """Forward hook of an attention module in `gated_residual` mode: add `tanh(ttt_gate) * ttt(x)`; nothing while
+    `attn.ttt_bypass` (the distillation teacher, `llama_train.ttt_bypassed`)."""
+    if getattr(attn, "ttt_bypass", False):
+        return output
     x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     y = ttt_forward(attn.ttt, attn.layer_idx, x, kwargs.get("attention_mask"), kwargs.get("past_key_value"),
                     kwargs.get("cache_position"))

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from ttt_speech.config import ConfigError, from_dict
 from ttt_speech.data.audio import FRAME_RATE
+from ttt_speech.train.llama_config import LlamaTrainConfig, check_llama_family, check_llama_ttt
 
 # max_steps when neither it nor `stages` is given
 DEFAULT_MAX_STEPS = 100
@@ -20,6 +21,9 @@ DEFAULT_MAX_STEPS = 100
 @dataclass
 class ModelConfig:
     """Args:
+        family: "moshi" (moshi's LMModel, the default) or "llama" (transformers' LlamaForCausalLM, or LLaMA-Omni's
+            patched OmniSpeechLlamaForCausalLM when `lm_kwargs` / the checkpoint's config names it; the `llama:`
+            section and docs/llama_omni.md, "Training").
         lm_kwargs: "tiny" (the embedded tiny Moshi), "moshi-7b" (moshi's own `_lm_kwargs`), a path to a JSON file
             of LMModel arguments, or a mapping.
         checkpoint: safetensors to start from: a base moshi checkpoint (TTT keys missing, then initialised, W_down
@@ -31,6 +35,7 @@ class ModelConfig:
             is what makes TTT carry information past it (the paper's SWA + TTT setting).
     """
 
+    family: Literal["moshi", "llama"] = "moshi"
     lm_kwargs: Any = "tiny"
     checkpoint: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
@@ -121,12 +126,14 @@ class LoraConfig:
 
 @dataclass
 class StageConfig:
-    """One curriculum stage: `steps` steps on crops of `duration_sec`, one OneCycle per stage. `lr` (None:
-    optim.lr) is the base group's peak; the TTT group's peak scales by the same factor (lr / optim.lr)."""
+    """One curriculum stage: `steps` steps on crops of `duration_sec` (Moshi) or of `seq_len` tokens (llama; None:
+    llama.seq_len), one OneCycle per stage. `lr` (None: optim.lr) is the base group's peak; the TTT group's peak
+    scales by the same factor (lr / optim.lr)."""
 
-    duration_sec: float
-    steps: int
+    duration_sec: float | None = None
+    steps: int = 0
     lr: float | None = None
+    seq_len: int | None = None
 
 
 @dataclass
@@ -137,8 +144,11 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    llama: LlamaTrainConfig = field(default_factory=LlamaTrainConfig)
     duration_sec: float = 10.0
     batch_size: int = 1
+    # gradient accumulation: each optimizer step averages the gradients of this many batches of `batch_size`
+    num_microbatches: int = 1
     max_steps: int | None = None  # None: DEFAULT_MAX_STEPS, or with `stages` the sum of their steps
     stages: list[StageConfig] = field(default_factory=list)
     first_codebook_weight_multiplier: float = 100.0
@@ -165,8 +175,8 @@ class TrainConfig:
                               "checkpoints is the one tested path.")
         if not self.run_dir.strip():
             raise ConfigError("run_dir is empty; name the folder that receives checkpoints, logs and the export")
-        for name in ("batch_size", "max_steps", "log_freq", "monitor_freq", "ckpt_freq", "keep_checkpoints",
-                     "stop_after", "max_nonfinite_steps"):
+        for name in ("batch_size", "num_microbatches", "max_steps", "log_freq", "monitor_freq", "ckpt_freq",
+                     "keep_checkpoints", "stop_after", "max_nonfinite_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:
@@ -174,11 +184,19 @@ class TrainConfig:
         for name in ("first_codebook_weight_multiplier", "text_padding_weight"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.model.family == "moshi" and self.llama != LlamaTrainConfig():
+            raise ConfigError("llama: configures model.family: llama; this run is model.family: moshi")
         for i, stage in enumerate(self.stage_list()):
             where = f"stages[{i}]." if self.stages else ""
             if stage.steps < 1:
                 raise ConfigError(f"{where}steps must be >= 1, got {stage.steps}")
-            if not (math.isfinite(stage.duration_sec) and round(stage.duration_sec * FRAME_RATE) >= 1):
+            if self.model.family == "llama":
+                pass  # seq_len: check_llama_family
+            elif stage.duration_sec is None:
+                raise ConfigError(f"{where}duration_sec is required with model.family: moshi")
+            elif stage.seq_len is not None:
+                raise ConfigError(f"{where}seq_len is for model.family: llama; Moshi crops are duration_sec long")
+            elif not (math.isfinite(stage.duration_sec) and round(stage.duration_sec * FRAME_RATE) >= 1):
                 raise ConfigError(f"{where}duration_sec must be at least one frame ({1 / FRAME_RATE} s), got "
                                   f"{stage.duration_sec}")
             if stage.lr is not None and not (math.isfinite(stage.lr) and stage.lr >= 0):
@@ -189,7 +207,10 @@ class TrainConfig:
         if self.stages and self.max_steps is not None and self.max_steps != self.total_steps:
             raise ConfigError(f"max_steps={self.max_steps} with stages: the stages' steps ({self.total_steps} in all) "
                               "set the run's length; drop max_steps or change the stages")
-        if self.ttt is not None:
+        if self.model.family == "llama":
+            self.ttt = check_llama_ttt(self.ttt) if self.ttt is not None else None
+            check_llama_family(self)  # the stages' seq_len against the TTT mini-batch, what llama runs lack
+        elif self.ttt is not None:
             self.ttt = check_ttt(self.ttt, [s.duration_sec for s in self.stage_list()])
         if self.model.dtype != "float32" and not self.optim.bf16_params:
             raise ConfigError(f"model.dtype: {self.model.dtype} trains bf16 parameters with no fp32 master copy, "

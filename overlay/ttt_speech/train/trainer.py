@@ -95,13 +95,13 @@ def find_resume(run_dir: Path, cfg: TrainConfig, rank: int) -> Path | None:
     return path
 
 
-def continue_logs(run_dir: Path, resumed_from: int | None) -> None:
+def continue_logs(run_dir: Path, resumed_from: int | None, header: list[str] = METRICS) -> None:
     """metrics.csv and ttt_stats.csv hold each step once: a fresh run starts them empty, a resume drops the rows of
     the steps it redoes (written after the checkpoint it resumes from, before a kill)."""
     if resumed_from is None:
         run_dir.mkdir(parents=True, exist_ok=True)
         with (run_dir / "metrics.csv").open("w", newline="") as f:
-            csv.writer(f).writerow(METRICS)
+            csv.writer(f).writerow(header)
         (run_dir / "ttt_stats.csv").unlink(missing_ok=True)  # the monitor writes it afresh, header included
         return
     truncate_log(run_dir / "metrics.csv", lambda row: int(row["step"]) <= resumed_from)  # steps counted from 1
@@ -136,6 +136,57 @@ def diverged(reason: str, run_dir: Path, model, optimizer, schedule, rank: int) 
                             "the fast weights (ttt.clip_tau)")
 
 
+class MoshiFamily:
+    """What is Moshi's in a run: the model (TTT, LoRA, FSDP2 per transformer layer), its batches (codes
+    [B, 17, T] of a stage's crops), its loss and its export. `LlamaFamily` (`train/llama.py`) is the other one."""
+
+    metrics = METRICS
+
+    def build(self, cfg: TrainConfig, device: torch.device, world: int) -> tuple[Any, list[dict[str, Any]]]:
+        model, self.lm_kwargs = build_named(cfg, device)
+        ttt_names = ttt_trainable_names(model)
+        if cfg.lora.enable:
+            apply_lora(model, cfg.lora, keep_full=ttt_names)
+        parallelize(model, gradient_checkpointing=cfg.gradient_checkpointing, strategy=cfg.parallel,
+                    world_size=world)
+        return model, parameter_groups(model, cfg, ttt_names)
+
+    def ttt_modules(self, model) -> dict[int, Any]:
+        return moshi_int.ttt_modules(model)
+
+    def loader(self, cfg: TrainConfig, stage, rank: int, world: int, device: torch.device):
+        return build_train_loader(cfg, stage.duration_sec, self.lm_kwargs, rank, world, str(device))
+
+    def loss(self, model, batch: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        out = model(batch)
+        loss, parts = moshi_loss(out, batch, text_padding_id=model.existing_text_padding_id,
+                                 first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier,
+                                 text_padding_weight=cfg.text_padding_weight)
+        return loss, [parts["text"], parts["audio"]]
+
+    def tokens(self, batch: torch.Tensor) -> int:
+        return batch.shape[0] * batch.shape[-1]
+
+    def validate(self, model, cfg: TrainConfig, step: int, stage: int, rank: int, world: int,
+                 device: torch.device) -> None:
+        """Moshi runs have no held-out set in this trainer (`ttt-speech eval librilight` measures after)."""
+
+    def export(self, model, cfg: TrainConfig, out_dir: Path, rank: int) -> Path | None:
+        return export_consolidated(model, cfg, self.lm_kwargs, out_dir, rank)
+
+    def result(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {"frames_per_sample": int(round(cfg.duration_sec * FRAME_RATE))}
+
+
+def family_for(cfg: TrainConfig):
+    """The model family's part of the run (`model.family`)."""
+    if cfg.model.family == "llama":
+        from ttt_speech.train.llama import LlamaFamily
+
+        return LlamaFamily()
+    return MoshiFamily()
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     global _stop_requested
     _stop_requested = False
@@ -149,12 +200,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         save_config(cfg, run_dir / "config.yaml")
     torch.manual_seed(cfg.seed)
 
-    model, lm_kwargs = build_named(cfg, device)
-    ttt_names = ttt_trainable_names(model)
-    if cfg.lora.enable:
-        apply_lora(model, cfg.lora, keep_full=ttt_names)
-    parallelize(model, gradient_checkpointing=cfg.gradient_checkpointing, strategy=cfg.parallel, world_size=world)
-    groups = parameter_groups(model, cfg, ttt_names)
+    family = family_for(cfg)
+    model, groups = family.build(cfg, device, world)
     optimizer = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     stages = cfg.stage_list()
     schedule = Schedule(stages, cfg.optim.lr, cfg.optim.pct_start)
@@ -168,11 +215,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                   f"{world}; the data position is per process, so resume with the same count")
         step = resumed_from = int(train_state["step"])
         stage_idx = rank_state["stage"]
-        loader = build_train_loader(cfg, stages[stage_idx].duration_sec, lm_kwargs, rank, world, str(device))
+        loader = family.loader(cfg, stages[stage_idx], rank, world, device)
         loader.load_state_dict(rank_state["loader"])
     if rank == 0:
-        continue_logs(run_dir, resumed_from)
-    monitor = Monitor(model, run_dir / "ttt_stats.csv" if rank == 0 else None)
+        continue_logs(run_dir, resumed_from, family.metrics)
+    monitor = Monitor(model, run_dir / "ttt_stats.csv" if rank == 0 else None, modules=family.ttt_modules(model))
     total = cfg.total_steps
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="finetune", unit="step")
     losses: list[float] = []
@@ -182,21 +229,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             i, _ = schedule.stage_at(step)
             if i != stage_idx:  # a new curriculum stage: crops of its duration, data from its start
                 stage_idx = i
-                loader = build_train_loader(cfg, stages[i].duration_sec, lm_kwargs, rank, world, str(device))
-            codes = next(loader).to(device)
+                loader = family.loader(cfg, stages[i], rank, world, device)
             lr = schedule.apply(optimizer, step)
             if rank == 0 and step % cfg.monitor_freq == 0:
                 monitor.arm()
             t0 = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                out = model(codes)
-                loss, parts = moshi_loss(out, codes, text_padding_id=model.existing_text_padding_id,
-                                         first_codebook_weight_multiplier=cfg.first_codebook_weight_multiplier,
-                                         text_padding_weight=cfg.text_padding_weight)
-            loss.backward()
+            logged, tokens = 0.0, 0
+            for _ in range(cfg.num_microbatches):  # gradient accumulation: the mean of the microbatches' gradients
+                batch = next(loader).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss, parts = family.loss(model, batch, cfg)
+                (loss / cfg.num_microbatches).backward()
+                logged = logged + torch.stack([loss.detach(), *parts]).float() / cfg.num_microbatches
+                tokens += family.tokens(batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_norm)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            logged = all_mean(torch.stack([loss.detach(), parts["text"], parts["audio"]]).float()).cpu()
+            logged = all_mean(logged).cpu()
             if math.isfinite(logged[0].item()) and math.isfinite(grad_norm.item()):  # the same on every rank
                 optimizer.step()
                 bad_streak = 0
@@ -213,7 +261,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 raise diverged(f"loss or gradients non-finite for {bad_streak} steps in a row (steps "
                                f"{step - bad_streak + 1}-{step})", run_dir, model, optimizer, schedule, rank)
             losses.append(logged[0].item())
-            tok_s = world * codes.shape[0] * codes.shape[-1] / (time.perf_counter() - t0)
+            tok_s = world * tokens / (time.perf_counter() - t0)
             if rank == 0:
                 monitor.collect(step - 1)
                 if step % cfg.log_freq == 0 or step == total:
@@ -222,6 +270,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                                 f"{grad_norm.item():.4f}", f"{tok_s:.0f}"])
                 bar.set_postfix(loss=f"{logged[0].item():.3f}", tok_s=f"{tok_s:.0f}")
                 bar.update(1)
+            if step == total or schedule.stage_at(step)[0] != stage_idx:  # a stage's end
+                family.validate(model, cfg, step, stage_idx, rank, world, device)
             # signals reach ranks at different times
             stopping = any_rank(_stop_requested, device) or step == cfg.stop_after
             periodic = step % cfg.ckpt_freq == 0 and bad_streak == 0  # not mid-streak: keep the last good ones
@@ -241,10 +291,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 return {"status": "stopped", "steps": step, "resumed_from_step": resumed_from, "losses": losses,
                         "skipped_steps": skipped}
     bar.close()
-    exported = export_consolidated(model, cfg, lm_kwargs, run_dir / "export", rank) if cfg.export_safetensors else None
+    exported = family.export(model, cfg, run_dir / "export", rank) if cfg.export_safetensors else None
     return {"status": "done", "steps": step, "resumed_from_step": resumed_from, "losses": losses,
-            "export": str(exported) if exported else None, "skipped_steps": skipped,
-            "frames_per_sample": int(round(cfg.duration_sec * FRAME_RATE))}
+            "export": str(exported) if exported else None, "skipped_steps": skipped, **family.result(cfg)}
 
 
 def export_consolidated(model, cfg: TrainConfig, lm_kwargs: dict[str, Any], out_dir: Path, rank: int) -> Path | None:

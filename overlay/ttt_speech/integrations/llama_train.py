@@ -1,0 +1,178 @@
+"""Training-side pieces of the Llama / LLaMA-Omni integration: build the model (tiny random, a config, or a
+checkpoint; transformers' `LlamaForCausalLM` or LLaMA-Omni's patched `OmniSpeechLlamaForCausalLM`), install TTT
+while keeping the teacher's attention, run the teacher (TTT bypassed), export, and load a tokenizer.
+
+The teacher of distillation is the same model with TTT bypassed: in `gated_residual` mode the residual TTT branch is
+skipped; in `replace` mode the original attention modules of the TTT layers, kept frozen outside the module tree
+(so they are neither in the state dict nor sharded), stand in for the TTT layers. Memory does not double: only the
+replaced layers' attention weights are kept twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ttt_speech.integrations.llama_omni import LlamaTTTSelfAttention, apply_ttt, ttt_modules, ttt_parameter_names
+
+OMNI_TYPES = ("omni_speech_llama", "omni_speech2s_llama")
+TEACHER_ATTR = "_ttt_teacher_attention"
+# a tiny random Llama for CPU tests and the quickstart; init 0.1 so the teacher's next-token distributions are far
+# from uniform and distillation has something to match
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=65536, initializer_range=0.1, bos_token_id=None,
+            eos_token_id=None, pad_token_id=0, tie_word_embeddings=False)
+
+
+def resolve_llama_kwargs(spec: Any) -> dict[str, Any]:
+    """`model.lm_kwargs` of a llama run: "tiny", a mapping of config fields, or a config.json path."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    if spec == "tiny":
+        return dict(TINY)
+    path = Path(str(spec))
+    if not path.is_file():
+        raise ValueError(f"model.lm_kwargs: expected 'tiny', a mapping of LlamaConfig fields or a config.json path, "
+                         f"got {spec!r}")
+    return json.loads(path.read_text())
+
+
+def model_classes(model_type: str) -> tuple[type, type]:
+    """(config class, model class) for a `model_type`: "llama", or LLaMA-Omni's (its patched source on the path)."""
+    if model_type in (None, "llama"):
+        return LlamaConfig, LlamaForCausalLM
+    if model_type in OMNI_TYPES:
+        try:
+            if model_type == "omni_speech_llama":
+                from omni_speech.model.language_model.omni_speech_llama import (
+                    OmniSpeechConfig as Config,
+                )
+                from omni_speech.model.language_model.omni_speech_llama import (
+                    OmniSpeechLlamaForCausalLM as Model,
+                )
+            else:
+                from omni_speech.model.language_model.omni_speech2s_llama import (
+                    OmniSpeech2SConfig as Config,
+                )
+                from omni_speech.model.language_model.omni_speech2s_llama import (
+                    OmniSpeech2SLlamaForCausalLM as Model,
+                )
+        except ImportError as e:
+            raise ValueError(f"model_type {model_type!r} needs LLaMA-Omni's patched source importable (make "
+                             f"apply-patches with LLAMA_OMNI_SRC set, then PYTHONPATH=upstream/llama-omni): {e}") from e
+        return Config, Model
+    raise ValueError(f"model_type {model_type!r}: model.family: llama trains 'llama' or {list(OMNI_TYPES)}")
+
+
+def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: dict[str, Any] | None, *, seed: int,
+                device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The base model (random from `seed`, or `checkpoint`: a transformers folder), then TTT from the `ttt:` mapping
+    (`LlamaTTTConfig` fields without the `ttt_` prefix), with the replaced attention kept as the teacher's.
+
+    A checkpoint is loaded as the base model (its config's `use_ttt` is turned off for the load): distillation starts
+    from a pretrained Llama / LLaMA-Omni, the TTT layers from their init.
+    """
+    if checkpoint:
+        raw = json.loads((Path(checkpoint) / "config.json").read_text())
+        config_cls, model_cls = model_classes(raw.get("model_type"))
+        config = config_cls.from_pretrained(checkpoint)
+        config.use_ttt = False
+        model = model_cls.from_pretrained(checkpoint, config=config, torch_dtype=dtype).to(device)
+    else:
+        kwargs = resolve_llama_kwargs(lm_kwargs)
+        config_cls, model_cls = model_classes(kwargs.get("model_type"))
+        config = config_cls(**{k: v for k, v in kwargs.items() if k != "model_type"})
+        torch.manual_seed(seed)
+        model = model_cls(config).to(device=device, dtype=dtype)
+    if ttt is not None:
+        originals = {i: layer.self_attn for i, layer in enumerate(model.model.layers)}
+        model.config.use_ttt = True
+        for key, value in ttt.items():
+            setattr(model.config, f"ttt_{key}", value)
+        apply_ttt(model, model.config)
+        teacher = {}
+        for idx in ttt_modules(model):
+            if isinstance(model.model.layers[idx].self_attn, LlamaTTTSelfAttention):
+                teacher[idx] = originals[idx].requires_grad_(False)
+        object.__setattr__(model, TEACHER_ATTR, teacher)  # not a submodule: out of state dict, FSDP and optimizer
+    return model
+
+
+@contextlib.contextmanager
+def ttt_bypassed(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its teacher: TTT layers skipped (gated_residual) or replaced back by their original attention
+    (replace). Use under `torch.no_grad()`."""
+    layers = model.model.layers
+    teacher: dict[int, nn.Module] = getattr(model, TEACHER_ATTR, {})
+    swapped, flagged = {}, []
+    try:
+        for idx in ttt_modules(model):
+            attn = layers[idx].self_attn
+            if isinstance(attn, LlamaTTTSelfAttention):
+                if idx not in teacher:
+                    raise ValueError(f"layer {idx}: TTT replaced its attention and the original was not kept; build "
+                                     "the model with build_llama to distil")
+                swapped[idx] = attn
+                layers[idx].self_attn = teacher[idx]
+            else:
+                attn.ttt_bypass = True
+                flagged.append(attn)
+        yield
+    finally:
+        for idx, attn in swapped.items():
+            layers[idx].self_attn = attn
+        for attn in flagged:
+            attn.ttt_bypass = False
+
+
+def trainable_names(model: nn.Module, what: str) -> set[str]:
+    """Parameter names to train: "ttt" (TTT parameters, residual gates, and every RMSNorm weight) or "all"."""
+    names = {n for n, _ in model.named_parameters()}
+    if what == "all":
+        return names
+    ttt = set(ttt_parameter_names(model))
+    norms = {n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
+    return {n for n in names if n in ttt or n.rsplit(".", 1)[0] in norms}
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """FSDP2's wrap unit: the decoder layers."""
+    return model.model.layers
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def save_export(model: nn.Module, state: dict[str, Tensor], out_dir: Path) -> None:
+    """config.json (with the resolved TTT fields) and model.safetensors from a full `state` dict, loadable with
+    `from_pretrained_ttt(LlamaTTTForCausalLM, out_dir)` (or the LLaMA-Omni class for its model types)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    base = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 subclasses the model
+    config.architectures = [base.__name__]
+    config.save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def load_tokenizer(path: str):
+    """encode(text) -> list[int]: a SentencePiece `.model` file, or a transformers tokenizer folder."""
+    if str(path).endswith(".model"):
+        import sentencepiece
+
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return lambda text: list(sp.encode(text))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return lambda text: list(tok(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,181 @@
+"""What is Llama's in a run (`model.family: llama`): the model (`integrations.llama_train.build_llama`), FSDP2 per
+decoder layer, token batches, the distillation / fine-tuning loss, validation perplexity at each stage's end with a
+`best` export, and the export. The loop, checkpoints, resume, NaN handling and stages are the trainer's."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from ttt_speech.integrations import llama_train
+from ttt_speech.integrations.llama_omni import ttt_modules, ttt_parameter_names
+from ttt_speech.train.checkpoint import CheckpointError, nonfinite_parameters
+from ttt_speech.train.config import TrainConfig
+from ttt_speech.train.llama_config import stage_seq_len
+from ttt_speech.train.llama_data import IGNORE, build_llama_loader
+from ttt_speech.train.model import check_precision
+from ttt_speech.train.parallel import all_mean, barrier
+from ttt_speech.train.resume import truncate_log
+
+METRICS = ["step", "stage", "loss", "kl", "hidden_mse", "ce", "lr", "grad_norm", "tokens_per_s"]
+VAL_FIELDS = ["step", "stage", "seq_len", "ppl_student", "ppl_teacher", "kl"]
+BEST = "best"
+
+
+def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) of softmax(logits / temperature), times temperature^2 (Hinton's
+    scaling, so gradients keep their size across temperatures). Logits [B, T, V]; float32."""
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean() * temperature ** 2
+
+
+def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL, number of tokens) over positions whose label is not IGNORE. batch [B, 2, T]."""
+    labels = batch[:, 1, 1:]
+    keep = labels != IGNORE
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), torch.where(keep, labels, 0).flatten(),
+                          reduction="none")
+    return (nll * keep.flatten()).sum(), keep.sum()
+
+
+class LlamaFamily:
+    metrics = METRICS
+
+    def build(self, cfg: TrainConfig, device: torch.device, world: int) -> tuple[Any, list[dict[str, Any]]]:
+        model = llama_train.build_llama(cfg.model.lm_kwargs, cfg.model.checkpoint, cfg.ttt, seed=cfg.seed,
+                                        device=device, dtype=check_precision(cfg)).train()
+        train = llama_train.trainable_names(model, cfg.llama.trainable)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in train)
+        self.ttt_layers = sorted(ttt_modules(model))
+        self.vocab_size = model.config.vocab_size
+        self.tokenizer = llama_train.load_tokenizer(cfg.llama.tokenizer) if cfg.llama.tokenizer else None
+        self.run_dir = Path(cfg.run_dir)
+        if cfg.gradient_checkpointing:
+            llama_train.enable_gradient_checkpointing(model)
+        if cfg.parallel == "fsdp2" and world > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in llama_train.decoder_layers(model):
+                fully_shard(layer)
+            fully_shard(model)
+        ttt = set(ttt_parameter_names(model))  # optim.ttt_lr; the model's norms (and all, if trained) take optim.lr
+        groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                groups.setdefault(("ttt" if name in ttt else "base", p.dim() > 1), []).append(p)
+        lrs = {"ttt": cfg.optim.ttt_lr if cfg.optim.ttt_lr is not None else cfg.optim.lr, "base": cfg.optim.lr}
+        return model, [{"params": ps, "name": f"{kind}{'' if decay else '_no_decay'}", "peak_lr": lrs[kind],
+                        "lr": lrs[kind], "weight_decay": cfg.optim.weight_decay if decay else 0.0}
+                       for (kind, decay), ps in sorted(groups.items())]
+
+    def ttt_modules(self, model) -> dict[int, Any]:
+        return ttt_modules(model)
+
+    def loader(self, cfg: TrainConfig, stage, rank: int, world: int, device: torch.device):
+        return build_llama_loader(cfg.llama.train_data, seq_len=stage_seq_len(stage, cfg), batch_size=cfg.batch_size,
+                                  vocab_size=self.vocab_size, seed=cfg.seed, rank=rank, world_size=world,
+                                  tokenizer=self.tokenizer)
+
+    def loss(self, model, batch: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ids = batch[:, 0]
+        hidden = cfg.llama.objective == "distill" and cfg.llama.hidden_mse_weight > 0
+        nan = torch.tensor(float("nan"), device=ids.device)
+        student = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        total, count = next_token_nll(student.logits, batch)
+        ce = total / count.clamp_min(1)
+        if cfg.llama.objective == "finetune":
+            return ce, [nan, nan, ce.detach()]
+        with torch.no_grad(), llama_train.ttt_bypassed(model):
+            teacher = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+        kl = kl_teacher_student(teacher.logits, student.logits, cfg.llama.temperature)
+        loss, mse = kl, nan
+        if hidden:  # hidden_states[i + 1] is the output of decoder layer i
+            mse = torch.stack([F.mse_loss(student.hidden_states[i + 1].float(), teacher.hidden_states[i + 1].float())
+                               for i in self.ttt_layers]).mean()
+            loss = kl + cfg.llama.hidden_mse_weight * mse
+            mse = mse.detach()
+        return loss, [kl.detach(), mse, ce.detach()]
+
+    def tokens(self, batch: torch.Tensor) -> int:
+        return batch.shape[0] * batch.shape[-1]
+
+    @torch.no_grad()
+    def evaluate(self, model, cfg: TrainConfig, seq_len: int, rank: int, world: int,
+                 device: torch.device) -> dict[str, float]:
+        """Perplexity of the student and the teacher (TTT bypassed) and their KL on the first `llama.val_batches`
+        batches of `llama.val_data` per process (in order), windows of `seq_len`; means over every process."""
+        loader = build_llama_loader(cfg.llama.val_data, seq_len=seq_len, batch_size=cfg.batch_size,
+                                    vocab_size=self.vocab_size, seed=cfg.seed, rank=rank, world_size=world,
+                                    tokenizer=self.tokenizer, shuffle=False, stream=1)
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # student nll, teacher nll, tokens, kl * batches
+        try:
+            for _ in range(cfg.llama.val_batches):
+                batch = next(loader).to(device)
+                student = model(input_ids=batch[:, 0], use_cache=False).logits
+                with llama_train.ttt_bypassed(model):
+                    teacher = model(input_ids=batch[:, 0], use_cache=False).logits
+                s_nll, n = next_token_nll(student, batch)
+                t_nll, _ = next_token_nll(teacher, batch)
+                kl = kl_teacher_student(teacher, student)
+                sums += torch.stack([s_nll.double(), t_nll.double(), n.double(), kl.double()])
+        finally:
+            model.train(was_training)
+        sums = all_mean(sums)
+        tokens = max(float(sums[2]), 1.0)
+        return {"ppl_student": math.exp(float(sums[0]) / tokens), "ppl_teacher": math.exp(float(sums[1]) / tokens),
+                "kl": float(sums[3]) / cfg.llama.val_batches}
+
+    def validate(self, model, cfg: TrainConfig, step: int, stage: int, rank: int, world: int,
+                 device: torch.device) -> dict[str, float] | None:
+        """At a stage's end: validation perplexity into `val.csv`; a new lowest student perplexity is exported to
+        `run_dir/best` (with `best.json`)."""
+        if cfg.llama.val_data is None:
+            return None
+        seq_len = stage_seq_len(cfg.stage_list()[stage], cfg)
+        result = self.evaluate(model, cfg, seq_len, rank, world, device)
+        path = self.run_dir / "val.csv"
+        best_file = self.run_dir / BEST / "best.json"
+        best = json.loads(best_file.read_text()) if best_file.is_file() else None
+        improved = best is None or best["step"] >= step or result["ppl_student"] < best["ppl_student"]
+        if improved:
+            self.export(model, cfg, self.run_dir / BEST, rank)
+        if rank == 0:
+            truncate_log(path, lambda row: int(row["step"]) < step)  # a resume redoes this stage end
+            new = not path.is_file()
+            with path.open("a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(VAL_FIELDS)
+                writer.writerow([step, stage, seq_len, *(f"{result[k]:.6f}" for k in VAL_FIELDS[3:])])
+            if improved:
+                best_file.write_text(json.dumps({"step": step, "stage": stage, **result}, indent=1) + "\n")
+        barrier()
+        return result
+
+    def export(self, model, cfg: TrainConfig, out_dir: Path, rank: int) -> Path | None:
+        """A transformers folder (config.json with the TTT fields, model.safetensors) that
+        `from_pretrained_ttt(LlamaTTTForCausalLM, out_dir)` loads."""
+        bad = nonfinite_parameters(model)
+        if bad:
+            raise CheckpointError(f"{out_dir}: not exporting non-finite weights ({', '.join(bad[:5])})")
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            llama_train.save_export(model, state, out_dir)
+        barrier()
+        return out_dir if rank == 0 else None
+
+    def result(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {"seq_len": [stage_seq_len(s, cfg) for s in cfg.stage_list()]}
+

@@ -1,0 +1,129 @@
+"""The `llama:` section of the fine-tuning config (`model.family: llama`): objective, sequence length, data.
+
+Kept apart from `train/config.py` so that the Moshi keys stay as they are; checked by the same strict loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from ttt_speech.config import ConfigError
+
+
+@dataclass
+class LlamaTrainConfig:
+    """Args:
+        objective: "distill": the student (TTT layers) matches the teacher, the same weights with TTT bypassed
+            (attention in every layer), by KL(teacher || student) on the logits, plus `hidden_mse_weight` times the
+            MSE of the hidden states after each TTT layer. "finetune": next-token cross-entropy on the data.
+        trainable: "ttt" (TTT parameters, residual gates and every norm; the default) or "all".
+        seq_len: tokens per training sample (a stage's `seq_len` overrides it); a multiple of the TTT mini-batch.
+        temperature: softmax temperature of both distributions in the KL (scaled back by temperature^2).
+        hidden_mse_weight: weight of the hidden-state MSE at the TTT layers (0: KL only).
+        train_data: "synthetic" (a fixed random Markov chain over the vocabulary, for plumbing and tests), a
+            jsonl of token ids (`{"input_ids": [...]}` per line), or LLaMA-Omni's instruction JSON (a list of
+            `{"id", "conversations": [{"from", "value"}, ...]}`; text-only samples; `speech` paths are refused: no
+            Whisper encoder is wired into training).
+        val_data: held-out data in the same formats; validation perplexity at each stage's end. None: none.
+        tokenizer: SentencePiece `.model` file or a transformers tokenizer folder; needed for instruction JSON.
+        val_batches: batches of `val_data` per validation.
+    """
+
+    objective: Literal["distill", "finetune"] = "distill"
+    trainable: Literal["ttt", "all"] = "ttt"
+    seq_len: int = 256
+    temperature: float = 1.0
+    hidden_mse_weight: float = 0.0
+    train_data: str = "synthetic"
+    val_data: str | None = None
+    tokenizer: str | None = None
+    val_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError(f"llama.seq_len must be >= 2 tokens, got {self.seq_len}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"llama.temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.hidden_mse_weight) and self.hidden_mse_weight >= 0):
+            raise ConfigError(f"llama.hidden_mse_weight must be a finite number >= 0, got {self.hidden_mse_weight}")
+        if self.objective == "finetune" and self.hidden_mse_weight:
+            raise ConfigError("llama.hidden_mse_weight is a distillation term; with llama.objective: finetune set it "
+                              "to 0")
+        if not self.train_data:
+            raise ConfigError('llama.train_data must name a jsonl / instruction JSON file, or be "synthetic"')
+        if self.val_batches < 1:
+            raise ConfigError(f"llama.val_batches must be >= 1, got {self.val_batches}")
+
+
+TTT_KEY_PREFIX = "ttt_"
+
+
+def check_llama_ttt(ttt: object) -> dict:
+    """The `ttt:` mapping of a llama run: `LlamaTTTConfig`'s fields without their `ttt_` prefix (`layers`, `mode`,
+    `layer_type`, `mini_batch_size`, `base_lr`, ...), typed and checked; returns it with YAML strings read as
+    numbers. `use_ttt` is implied."""
+    from ttt_speech.config import from_dict
+    from ttt_speech.integrations.llama_omni import LlamaTTTConfig
+
+    if not isinstance(ttt, dict):
+        raise ConfigError(f"ttt must be a mapping of LlamaTTTConfig fields with model.family: llama, got {ttt!r}")
+    if "use_ttt" in ttt:
+        raise ConfigError("ttt.use_ttt: implied by a `ttt:` mapping; drop it (ttt: null trains without TTT)")
+    prefixed = [k for k in ttt if str(k).startswith(TTT_KEY_PREFIX)]
+    if prefixed:
+        raise ConfigError(f"ttt.{prefixed[0]}: write the field without its prefix ({prefixed[0][4:]})")
+    fields = [f.name.removeprefix(TTT_KEY_PREFIX) for f in dataclasses.fields(LlamaTTTConfig) if f.name != "use_ttt"]
+    unknown = sorted(str(k) for k in ttt if k not in fields)
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join('ttt.' + k for k in unknown)}; "
+                          f"the llama ttt: section has {', '.join(fields)}")
+    try:  # messages start with the prefixed field name: ttt_layers -> ttt.layers
+        parsed = from_dict(LlamaTTTConfig, {TTT_KEY_PREFIX + k: v for k, v in ttt.items()}, where="")
+    except ConfigError as e:
+        raise ConfigError("ttt." + str(e).removeprefix(TTT_KEY_PREFIX)) from e
+    except ValueError as e:  # LlamaTTTConfig's own checks
+        raise ConfigError(f"ttt: {e}") from e
+    if parsed.ttt_mini_batch_size < 1:
+        raise ConfigError(f"ttt.mini_batch_size must be >= 1, got {parsed.ttt_mini_batch_size}")
+    if parsed.ttt_layers is not None and not parsed.ttt_layers:
+        raise ConfigError("ttt.layers is empty: no layer would get TTT")
+    return {k: getattr(parsed, TTT_KEY_PREFIX + k) for k in ttt}
+
+
+def stage_seq_len(stage, cfg) -> int:
+    """Tokens per sample in a curriculum stage of a llama run."""
+    return stage.seq_len if stage.seq_len is not None else cfg.llama.seq_len
+
+
+def check_llama_family(cfg) -> None:
+    """What a `model.family: llama` run must not carry (Moshi's keys) and its stages' lengths: a whole number of TTT
+    mini-batches, so every token of a sample is in a committed update when the next sample starts."""
+    from ttt_speech.train.config import DataConfig, LoraConfig
+
+    if cfg.data != DataConfig():
+        raise ConfigError("data: configures Moshi's audio pipeline; with model.family: llama the data are "
+                          "llama.train_data / llama.val_data / llama.tokenizer")
+    if cfg.lora != LoraConfig():
+        raise ConfigError("lora: not available with model.family: llama (TTT parameters, gates and norms train; "
+                          "llama.trainable: all trains every weight)")
+    if cfg.model.context is not None:
+        raise ConfigError("model.context is Moshi's attention window; with model.family: llama set the window in "
+                          "the model's config (lm_kwargs)")
+    if cfg.ttt is None and cfg.llama.objective == "distill":
+        raise ConfigError("llama.objective: distill needs a ttt: section (without TTT the student is the teacher)")
+    if cfg.ttt is None and cfg.llama.trainable == "ttt":
+        raise ConfigError("llama.trainable: ttt with ttt: null trains nothing; use llama.trainable: all")
+    mini = int(cfg.ttt.get("mini_batch_size", 64)) if cfg.ttt else 1
+    for i, stage in enumerate(cfg.stage_list()):
+        where = f"stages[{i}]." if cfg.stages else "llama."
+        if stage.duration_sec is not None and cfg.stages:
+            raise ConfigError(f"stages[{i}].duration_sec is Moshi's crop length; llama stages have seq_len (tokens)")
+        n = stage_seq_len(stage, cfg)
+        if n < 2:
+            raise ConfigError(f"{where}seq_len must be >= 2 tokens, got {n}")
+        if n % mini:
+            raise ConfigError(f"{where}seq_len={n} is not a multiple of ttt.mini_batch_size={mini}: the last "
+                              f"{n % mini} tokens would never update the fast weights; use {n - n % mini or mini}")
