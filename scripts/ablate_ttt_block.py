@@ -5,7 +5,8 @@
     python scripts/ablate_ttt_block.py summary [--out bench/ttt_block_ablation] [--variants ...]
 
 A variant is a recall benchmark variant (`window`, `full`, `inplace`, `ttt_linear`, ...) or a block built from
-option tokens, `linear+TOKEN+TOKEN...` / `mlp+...` (see `TOKENS`), e.g. `linear+l2+centre+norope+sum+h1+conv4`.
+option tokens, `linear+TOKEN+TOKEN...` / `mlp+...` (see `TOKENS`), e.g. `linear+l2+centre+norope+sum+h1+conv4`;
+the tokens add to ttt-lm-pytorch's layer with the benchmark's heads (`linear` alone is the reference).
 Every run uses the benchmark's `RecallConfig` (the same model, initialisation, data order and evaluation sequences
 per seed; `--steps` changes only the training length) and its `run_one`, so a run is one
 `<out>/runs/<variant>-s<seed>.json` and an interrupted ablation resumes. `summary` pairs seeds against `window` and
@@ -44,8 +45,10 @@ def parse_block(variant: str, cfg: recall.RecallConfig) -> MoshiTTTConfig | None
     layer_type, *tokens = variant.split("+")
     if layer_type not in ("linear", "mlp"):
         return None
+    # tokens add options to the reference layer (not to MoshiTTTConfig's recall defaults)
     fields: dict[str, Any] = {"ttt_num_heads": cfg.num_heads, "ttt_mini_batch_size": cfg.chunk,
-                              "ttt_base_lr": cfg.block_base_lr, "gate_init": cfg.block_gate_init}
+                              "ttt_base_lr": cfg.block_base_lr, "gate_init": cfg.block_gate_init,
+                              "ttt_share_qk": False}
     options: dict[str, Any] = {}
     for token in tokens:
         if token in TOKENS:

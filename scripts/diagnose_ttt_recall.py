@@ -72,7 +72,7 @@ def block_model(cfg: recall.RecallConfig, seed: int, layer_type: str, heads: int
                 options: dict) -> torch.nn.Module:
     """The window model of `seed` with a TTT block at layer 1 whose keys are hand-wired as described above."""
     model = build_lm(cfg.lm_kwargs("window"), seed=seed)
-    fields = {"ttt_mini_batch_size": cfg.chunk, **fields}
+    fields = {"ttt_mini_batch_size": cfg.chunk, "ttt_share_qk": False, **fields}
     share_qk = fields.get("ttt_share_qk", False)
     options = {**options, "conv_kernel": 2} if share_qk else {**options, "conv_size": 2}
     ttt = MoshiTTTConfig(kind="block", layers=[1], ttt_layer_type=layer_type, ttt_num_heads=heads or cfg.num_heads,

@@ -23,6 +23,7 @@ from ttt_speech.integrations.llama_omni import (
     ttt_parameter_names,
     ttt_state_dict,
 )
+from ttt_speech.nn import TTTConfig
 
 V = 128
 MODES = ["replace", "gated_residual"]
@@ -468,8 +469,17 @@ def test_ttt_key_mismatches_are_named() -> None:
 
 # ---------------------------------------------------------------- TTT layer options, causality
 
-LAYER_OPTIONS = dict(ttt_pre_conv=True, ttt_qk_norm="l2", ttt_conv_size=3, ttt_use_rope=False, ttt_eta_schedule="sum",
-                     ttt_centre=True)
+
+def test_default_layers_are_the_recall_preset_and_reference_fields_give_the_reference() -> None:
+    assert LlamaTTTConfig().ttt_config(64, 4, 0.1) == TTTConfig.recall(64, 1, mini_batch_size=64,
+                                                                         initializer_range=0.1)
+    reference = LlamaTTTConfig(ttt_num_heads=None, ttt_share_qk=False, ttt_qk_norm="none", ttt_use_rope=True,
+                               ttt_eta_schedule="mean", ttt_centre=False)
+    assert reference.ttt_config(64, 4, 0.1) == TTTConfig.reference(64, 4, mini_batch_size=64, initializer_range=0.1)
+
+# every option on (conv_size needs share_qk off); the default config is the recall preset
+LAYER_OPTIONS = dict(ttt_share_qk=False, ttt_pre_conv=True, ttt_qk_norm="l2", ttt_conv_size=3, ttt_use_rope=False,
+                     ttt_eta_schedule="sum", ttt_centre=True)
 
 
 def options_model(mode: str, **kw) -> LlamaTTTForCausalLM:

@@ -170,13 +170,16 @@ def test_the_monitor_line_at_training_start_is_written_above_the_progress_bar(ca
     assert err.startswith("\r ") and err.count("finetune") == 1, repr(err)
 
 
-@pytest.mark.parametrize("layer_type,base_lr", [("linear", 3e-4), ("mlp", 1e-3)])
-def test_block_ttt_part_under_autocast_stays_close_to_fp32(layer_type: str, base_lr: float) -> None:
+@pytest.mark.parametrize("layer_type,preset,base_lr", [("linear", "reference", 3e-4), ("mlp", "reference", 1e-3),
+                                                       ("linear", "default", 1e-4), ("mlp", "default", 3e-4)])
+def test_block_ttt_part_under_autocast_stays_close_to_fp32(layer_type: str, preset: str, base_lr: float) -> None:
     """The TTT-Linear/MLP block audited for the same failure: with fp32 parameters the block runs outside autocast
-    (bf16 rounding of q + LN(z) made TTT-Linear's TTT part 88% off at |dW| / |W0| ~ 1e-3)."""
+    (bf16 rounding of q + LN(z) made TTT-Linear's TTT part 88% off at |dW| / |W0| ~ 1e-3). Both the reference
+    layer and the default (recall preset) options, each at a base_lr giving |dW| / |W0| ~ 1e-3."""
     model = build_lm(seed=0)
+    reference = {"ttt_share_qk": False, "ttt_options": {}} if preset == "reference" else {}
     apply_ttt(model, MoshiTTTConfig(kind="block", layers=[1], ttt_num_heads=2, ttt_mini_batch_size=4,
-                                    ttt_layer_type=layer_type, gate_init=0.5))
+                                    ttt_layer_type=layer_type, gate_init=0.5, **reference))
     block = ttt_modules(model)[1]
     x = torch.randn(2, 24, model.dim, generator=torch.Generator().manual_seed(0))
 

@@ -19,11 +19,14 @@ from ttt_speech.integrations.moshi import (
     save_ttt_checkpoint,
     ttt_modules,
 )
+from ttt_speech.nn import RECALL_OPTIONS, REFERENCE_OPTIONS, TTTConfig
 
 OPTS = {"qk_norm": "l2", "conv_size": 3, "use_rope": False, "eta_schedule": "sum", "centre": True, "pre_conv": True}
+NO_SQK = {"ttt_share_qk": False}  # conv_size and the reference layer need share_qk off (the default has it on)
 SETS = {
-    "all": ({}, OPTS),
-    "pre_conv": ({}, {"pre_conv": True}),
+    "default": ({}, None),  # MoshiTTTConfig's defaults: the recall preset (share_qk, l2, centre, no RoPE, eta sum)
+    "all": (NO_SQK, OPTS),
+    "pre_conv": (NO_SQK, {"pre_conv": True}),
     "share_qk+pre_conv+centre": ({"ttt_share_qk": True}, {"pre_conv": True, "centre": True, "conv_kernel": 3}),
 }
 
@@ -40,8 +43,10 @@ def one_thread():
 def options_model(name: str = "all", layer_type: str = "linear", mini_batch: int = 4) -> torch.nn.Module:
     fields, options = SETS[name]
     model = build_lm(seed=0)
+    if options is not None:
+        fields = {**fields, "ttt_options": options}
     cfg = MoshiTTTConfig(kind="block", layers=[1, 3], ttt_mini_batch_size=mini_batch, ttt_num_heads=2,
-                         ttt_layer_type=layer_type, gate_init=0.5, ttt_options=options, **fields)
+                         ttt_layer_type=layer_type, gate_init=0.5, **fields)
     apply_ttt(model, cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -98,12 +103,13 @@ def test_exec_mask_freezes_the_input_state_of_masked_rows() -> None:
             assert not torch.equal(after[n][0], t[0]), n
 
 
-@pytest.mark.parametrize("name", [None, "all", "share_qk+pre_conv+centre"])
+@pytest.mark.parametrize("name", [None, "default", "all", "share_qk+pre_conv+centre"])
 def test_block_is_causal_exactly(name: str | None) -> None:
-    """Changing the block's inputs at positions >= t changes none of its outputs before t, bit for bit."""
+    """Changing the block's inputs at positions >= t changes none of its outputs before t, bit for bit (None:
+    ttt-lm-pytorch's layer)."""
     model = options_model(name) if name else apply_ttt(
         build_lm(seed=0), MoshiTTTConfig(kind="block", layers=[1, 3], ttt_mini_batch_size=4, ttt_num_heads=2,
-                                         gate_init=0.5)).eval()
+                                         gate_init=0.5, ttt_share_qk=False, ttt_options={})).eval()
     block = ttt_modules(model)[1]
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 23, block.gate_alpha.shape[0], generator=g)
@@ -140,8 +146,24 @@ def test_ttt_options_are_validated_by_name() -> None:
         MoshiTTTConfig(kind="block", ttt_options={"num_heads": 2})
     with pytest.raises(ValueError, match=r"unknown TTTConfig field 'qk_nrom'; known: .*qk_norm"):
         MoshiTTTConfig(kind="block", ttt_options={"qk_nrom": "l2"})
-    parsed = from_dict(MoshiTTTConfig, {"kind": "block", "ttt_options": {"centre": True, "conv_size": 4}})
+    parsed = from_dict(MoshiTTTConfig, {"kind": "block", "ttt_share_qk": False,
+                                        "ttt_options": {"centre": True, "conv_size": 4}})
     assert parsed.block_config(64, 4).centre and parsed.block_config(64, 4).conv_size == 4
+    with pytest.raises(ValueError, match=r"ttt.ttt_options: TTTConfig.conv_size needs share_qk=False.*"
+                                         r"ttt.ttt_share_qk is True"):
+        MoshiTTTConfig(kind="block", ttt_options={"conv_size": 4})
+
+
+def test_the_default_block_is_the_recall_preset_and_a_given_mapping_replaces_it() -> None:
+    default = MoshiTTTConfig(kind="block").block_config(64, 4)
+    assert default == TTTConfig.recall(64, 1)
+    assert default.options() == RECALL_OPTIONS and default.num_heads == 1
+    reference = MoshiTTTConfig(kind="block", ttt_share_qk=False, ttt_num_heads=None, ttt_options={})
+    assert reference.block_config(64, 4) == TTTConfig.reference(64, 4)
+    only_pre_conv = MoshiTTTConfig(kind="block", ttt_options={"pre_conv": True}).block_config(64, 4)
+    assert only_pre_conv.options() == {**REFERENCE_OPTIONS, "share_qk": True, "pre_conv": True}
+    # a saved config (every field, as written by to_dict) keeps its meaning
+    assert MoshiTTTConfig.from_dict(reference.to_dict()).block_config(64, 4) == TTTConfig.reference(64, 4)
 
 
 def test_block_options_round_trip_through_a_checkpoint(tmp_path: Path) -> None:

@@ -309,6 +309,26 @@ def test_reference_state_dict_loads_strictly_and_round_trips(layer_type, share_q
         layer.load_state_dict({**sd, "token_idx": torch.zeros(B_SZ)}, strict=True)
 
 
+@pytest.mark.parametrize("layer_type", ["linear", "mlp"])
+@pytest.mark.parametrize("preset, share_qk", [("reference", False), ("reference", True), ("recall", True)])
+def test_presets_load_reference_state_dicts_strictly(preset, share_qk, layer_type):
+    """TTTConfig.reference() is ttt-lm-pytorch's layer; TTTConfig.recall() (the integrations' default) is its
+    share_qk layout: both load the reference's state_dicts strictly, whatever else their options do."""
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(shape, generator=g) for k, shape in reference_keys(layer_type, share_qk, False).items()}
+    make = TTTConfig.reference if preset == "reference" else TTTConfig.recall
+    cfg = make(C, H, layer_type=layer_type, mini_batch_size=B_SZ, **({"share_qk": True} if share_qk else {}))
+    assert cfg.share_qk == share_qk
+    layer = build_ttt_layer(cfg)
+    layer.load_state_dict(sd, strict=True)
+    assert set(layer.state_dict()) == set(sd)
+    if preset == "reference":
+        assert TTTConfig.reference(C, H) == TTTConfig(C, H)  # the field defaults are the reference's
+    else:
+        assert (cfg.qk_norm, cfg.centre, cfg.use_rope, cfg.eta_schedule) == ("l2", True, False, "sum")
+        assert TTTConfig.recall(C).num_heads == 1
+
+
 def test_init_does_not_rely_on_torch_init(monkeypatch):
     """transformers' no_init_weights and LLaMA-Omni's disable_torch_init disable these; ours must not care."""
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ttt_speech.nn import TTTConfig, TTTState, build_ttt_layer
+from ttt_speech.nn import RECALL_OPTIONS, TTTConfig, TTTState, build_ttt_layer
 from ttt_speech.ops import ttt as ops
 
 C, H, B_SZ = 32, 4, 8
@@ -24,6 +24,7 @@ OPTION_SETS = {
     "pre_conv": dict(pre_conv=True),
     "all": ALL,
     "share_qk+pre_conv+centre+l2": dict(share_qk=True, pre_conv=True, centre=True, qk_norm="l2", conv_kernel=3),
+    "recall": dict(RECALL_OPTIONS),  # the integrations' default (TTTConfig.recall)
 }
 CASES = [(name, lt) for name in OPTION_SETS for lt in ("linear", "mlp")]
 

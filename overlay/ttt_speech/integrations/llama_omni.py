@@ -63,13 +63,16 @@ class LlamaTTTConfig:
         ttt_mode: "replace" (TTT instead of attention) or "gated_residual" (attention + tanh-gated TTT).
         ttt_mini_batch_size: inner-loop mini-batch; also the period of the TTT layers' RoPE positions.
         ttt_base_lr: scale of the learnable inner learning rate.
-        ttt_num_heads: TTT heads; None means the model's `num_attention_heads`.
+        ttt_num_heads: TTT heads; None means the model's `num_attention_heads`. Default 1 (the recall preset).
         ttt_use_gate: the TTT layer's own output gate `gelu(g_proj(x))` (not the residual gate).
-        ttt_share_qk: q and k from one projection through two causal convs.
+        ttt_share_qk: q and k from one projection through two causal convs (default: on, the recall preset).
         ttt_rope_theta: RoPE base of the TTT layers (positions restart every mini-batch).
         ttt_pre_conv, ttt_conv_kernel, ttt_qk_norm, ttt_conv_size, ttt_use_rope, ttt_eta_schedule, ttt_centre: the
             TTT layer's input options, `TTTConfig`'s fields of the same names without `ttt_` (docs/ttt.md,
-            "Options"); the defaults are the reference's.
+            "Options"). The defaults (with `ttt_share_qk` and one head) are the recall preset, `TTTConfig.recall`:
+            `ttt_qk_norm="l2"`, `ttt_use_rope=False`, `ttt_eta_schedule="sum"`, `ttt_centre=True`, the block
+            ablation's winner (docs/eval.md). ttt-lm-pytorch's layer: `ttt_share_qk=False`, `ttt_qk_norm="none"`,
+            `ttt_use_rope=True`, `ttt_eta_schedule="mean"`, `ttt_centre=False`, `ttt_num_heads=None`.
         ttt_gate_init: initial `ttt_gate` (gated_residual); tanh(0.1) ~ 0.1 keeps the model near the pretrained one.
         ttt_initializer_range: std of the TTT projections at init; None means the model's `initializer_range`.
         ttt_check_finite: the TTT layers raise on NaN/inf input (one device sync per layer and call).
@@ -81,17 +84,17 @@ class LlamaTTTConfig:
     ttt_mode: str = "replace"
     ttt_mini_batch_size: int = 64
     ttt_base_lr: float = 1.0
-    ttt_num_heads: int | None = None
+    ttt_num_heads: int | None = 1
     ttt_use_gate: bool = False
-    ttt_share_qk: bool = False
+    ttt_share_qk: bool = True
     ttt_rope_theta: float = 10000.0
     ttt_pre_conv: bool = False
     ttt_conv_kernel: int = 4
-    ttt_qk_norm: str = "none"
+    ttt_qk_norm: str = "l2"
     ttt_conv_size: int = 0
-    ttt_use_rope: bool = True
-    ttt_eta_schedule: str = "mean"
-    ttt_centre: bool = False
+    ttt_use_rope: bool = False
+    ttt_eta_schedule: str = "sum"
+    ttt_centre: bool = True
     ttt_gate_init: float = 0.1
     ttt_initializer_range: float | None = None
     ttt_check_finite: bool = True

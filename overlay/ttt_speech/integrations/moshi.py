@@ -26,7 +26,12 @@ from moshi.modules.transformer import StreamingTransformer, StreamingTransformer
 from torch import nn
 
 from ttt_speech.errors import CheckpointMismatch
-from ttt_speech.integrations.moshi_block import MoshiTTTBlock, check_block_options
+from ttt_speech.integrations.moshi_block import (
+    DEFAULT_BLOCK_NUM_HEADS,
+    DEFAULT_BLOCK_OPTIONS,
+    MoshiTTTBlock,
+    check_block_options,
+)
 from ttt_speech.integrations.moshi_inplace import InPlaceTTTConfig, InPlaceTTTGating
 from ttt_speech.nn import TTTConfig
 
@@ -141,8 +146,11 @@ class MoshiTTTConfig:
             `InPlaceTTTConfig` (target default "input_embeddings": the full per-frame input embedding).
         ttt_layer_type, ttt_num_heads, ttt_mini_batch_size, ttt_base_lr, ttt_use_gate, ttt_share_qk: the block's
             TTT-Linear/MLP (see `ttt_speech.nn.TTTConfig`); `ttt_num_heads` None means the model's head count.
-        ttt_options: any other `TTTConfig` field of the block's TTT layer, by its `TTTConfig` name, e.g.
-            `{"qk_norm": "l2", "conv_size": 4, "centre": true, "pre_conv": true}` (docs/ttt.md, "Options").
+            The defaults (one head, `ttt_share_qk`) and `ttt_options`' default are the recall preset
+            (`TTTConfig.recall`), the block ablation's winner (docs/eval.md, "TTT-Linear/MLP block ablation").
+        ttt_options: any other `TTTConfig` field of the block's TTT layer, by its `TTTConfig` name; default
+            `{"qk_norm": "l2", "use_rope": false, "eta_schedule": "sum", "centre": true}`. A mapping given replaces
+            the default as a whole: `{}` with `ttt_share_qk: false` is ttt-lm-pytorch's layer (docs/ttt.md, "Options").
         gate_init: the block's tanh gate alpha at init.
         ttt_context: attention context (frames) of the layers that host a block; None keeps the model's.
     """
@@ -160,12 +168,12 @@ class MoshiTTTConfig:
     decay: float | None = None
     max_delta: float | None = None
     ttt_layer_type: str = "linear"
-    ttt_num_heads: int | None = None
+    ttt_num_heads: int | None = DEFAULT_BLOCK_NUM_HEADS
     ttt_mini_batch_size: int = 16
     ttt_base_lr: float = 1.0
     ttt_use_gate: bool = False
-    ttt_share_qk: bool = False
-    ttt_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ttt_share_qk: bool = True
+    ttt_options: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(DEFAULT_BLOCK_OPTIONS))
     gate_init: float = 0.1
     ttt_context: int | None = None
 
@@ -175,7 +183,7 @@ class MoshiTTTConfig:
         if self.every < 1:
             raise ValueError(f"ttt.every must be >= 1, got {self.every}")
         self.inplace_config()  # validates its fields
-        check_block_options(self.ttt_options)
+        check_block_options(self.ttt_options, share_qk=self.ttt_share_qk)
 
     def inplace_config(self) -> InPlaceTTTConfig:
         return InPlaceTTTConfig(chunk_size=self.chunk_size, lr=self.lr, conv=self.conv, conv_kernel=self.conv_kernel,

@@ -19,7 +19,7 @@ from moshi.modules.streaming import State, StreamingModule
 from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
-from ttt_speech.nn import TTTConfig, TTTState, build_ttt_layer
+from ttt_speech.nn import RECALL_OPTIONS, REFERENCE_OPTIONS, TTTConfig, TTTState, build_ttt_layer
 from ttt_speech.nn.stats import fast_weight_stats
 
 # TTTConfig fields that MoshiTTTConfig sets itself (its ttt_* fields, and the model's width)
@@ -27,10 +27,16 @@ _OWN_FIELDS = {"hidden_size": "the model's dim", "num_heads": "ttt_num_heads", "
                "mini_batch_size": "ttt_mini_batch_size", "ttt_base_lr": "ttt_base_lr", "use_gate": "ttt_use_gate",
                "share_qk": "ttt_share_qk"}
 
+# MoshiTTTConfig's default block: the recall preset (share_qk through ttt_share_qk, one head through ttt_num_heads)
+DEFAULT_BLOCK_NUM_HEADS = 1
+DEFAULT_BLOCK_OPTIONS: dict[str, Any] = {k: v for k, v in RECALL_OPTIONS.items()
+                                         if k not in _OWN_FIELDS and v != REFERENCE_OPTIONS[k]}
 
-def check_block_options(options: dict[str, Any], where: str = "ttt.ttt_options") -> None:
+
+def check_block_options(options: dict[str, Any], where: str = "ttt.ttt_options", share_qk: bool = False) -> None:
     """Validate `MoshiTTTConfig.ttt_options`: `TTTConfig` field names (not those MoshiTTTConfig sets through its
-    `ttt_*` fields) with values of the right type; raises ValueError naming the key."""
+    `ttt_*` fields) with values of the right type, together with `ttt_share_qk` = `share_qk`; raises ValueError
+    naming the key."""
     if not isinstance(options, dict):
         raise ValueError(f"{where} must be a mapping of TTTConfig fields, got {options!r}")
     known = sorted(f.name for f in fields(TTTConfig) if f.name not in _OWN_FIELDS)
@@ -43,6 +49,10 @@ def check_block_options(options: dict[str, Any], where: str = "ttt.ttt_options")
         TTTConfig(hidden_size=2, num_heads=1, **options)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from e
+    try:
+        TTTConfig(hidden_size=2, num_heads=1, share_qk=share_qk, **options)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e} (ttt.ttt_share_qk is {share_qk})") from e
 
 
 @dataclass

@@ -1,5 +1,16 @@
 """TTT modules and their streaming state."""
 
-from .ttt import TTTMLP, TTTBase, TTTConfig, TTTLinear, TTTPreConv, TTTState, build_ttt_layer
+from .ttt import (
+    RECALL_OPTIONS,
+    REFERENCE_OPTIONS,
+    TTTMLP,
+    TTTBase,
+    TTTConfig,
+    TTTLinear,
+    TTTPreConv,
+    TTTState,
+    build_ttt_layer,
+)
 
-__all__ = ["TTTBase", "TTTConfig", "TTTLinear", "TTTMLP", "TTTPreConv", "TTTState", "build_ttt_layer"]
+__all__ = ["RECALL_OPTIONS", "REFERENCE_OPTIONS", "TTTBase", "TTTConfig", "TTTLinear", "TTTMLP", "TTTPreConv",
+           "TTTState", "build_ttt_layer"]

@@ -4,7 +4,8 @@ Parameter names, shapes and init follow ``test-time-training/ttt-lm-pytorch`` (`
 its layer state_dicts load with ``strict=True`` (with the default options; ``pre_conv`` and ``conv_size`` add keys of
 their own). The fast weights are per-sequence state (:class:`TTTState`); the parameters ``W1, b1 (, W2, b2)`` are
 only the learned initial state W0. The options beyond the reference (``qk_norm``, ``conv_size``, ``use_rope``,
-``eta_schedule``, ``centre``) act on the layer's input side, before the inner-loop op. Semantics: ``docs/ttt.md``.
+``eta_schedule``, ``centre``) act on the layer's input side, before the inner-loop op; ``TTTConfig.reference`` and
+``TTTConfig.recall`` are the two presets (the integrations default to ``recall``). Semantics: ``docs/ttt.md``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,14 @@ SCAN_MODES = ("dual", "primal")
 DECODE_MODES = ("anchored", "online")
 QK_NORMS = ("none", "l2")
 ETA_SCHEDULES = ("mean", "sum")
+
+# The option presets (TTTConfig fields). REFERENCE_OPTIONS are ttt-lm-pytorch's (TTTConfig's own defaults);
+# RECALL_OPTIONS won the block ablation on the fair recall benchmark (docs/eval.md, "TTT-Linear/MLP block
+# ablation"), used there with one head; the integrations' block and LLaMA-Omni layers default to them.
+REFERENCE_OPTIONS: dict[str, object] = {"share_qk": False, "pre_conv": False, "qk_norm": "none", "conv_size": 0,
+                                        "use_rope": True, "eta_schedule": "mean", "centre": False}
+RECALL_OPTIONS: dict[str, object] = {"share_qk": True, "pre_conv": False, "qk_norm": "l2", "conv_size": 0,
+                                     "use_rope": False, "eta_schedule": "sum", "centre": True}
 
 
 @dataclass
@@ -125,6 +134,23 @@ class TTTConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @classmethod
+    def reference(cls, hidden_size: int, num_heads: int, **kwargs) -> TTTConfig:
+        """ttt-lm-pytorch's layer (:data:`REFERENCE_OPTIONS`, the field defaults): its state_dicts load strictly;
+        ``kwargs`` set any other field (``share_qk=True`` is the reference's ``share_qk`` layout)."""
+        return cls(hidden_size=hidden_size, num_heads=num_heads, **{**REFERENCE_OPTIONS, **kwargs})
+
+    @classmethod
+    def recall(cls, hidden_size: int, num_heads: int = 1, **kwargs) -> TTTConfig:
+        """The block ablation's winner (:data:`RECALL_OPTIONS`: ``share_qk``, ``qk_norm="l2"``, ``centre``,
+        ``use_rope=False``, ``eta_schedule="sum"``; one head by default). It adds no parameter to the reference's
+        ``share_qk`` layout, whose state_dicts load strictly. ``kwargs`` override any field."""
+        return cls(hidden_size=hidden_size, num_heads=num_heads, **{**RECALL_OPTIONS, **kwargs})
+
+    def options(self) -> dict[str, object]:
+        """This config's values of the preset fields (the keys of :data:`REFERENCE_OPTIONS`)."""
+        return {name: getattr(self, name) for name in REFERENCE_OPTIONS}
 
 
 @dataclass
