@@ -434,6 +434,12 @@ def plot(results: Sequence[dict[str, Any]], summary: dict[str, Any], cfg: Recall
     return path
 
 
+def write_compact(report: dict[str, Any], path: Path) -> Path:
+    """`report` without its training curves (kilobytes, not megabytes: the file docs/eval.md quotes)."""
+    path.write_text(json.dumps({k: v for k, v in report.items() if k != "curves"}, indent=1) + "\n")
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     defaults = RecallConfig()
     ap = argparse.ArgumentParser(prog="bench_recall", description=__doc__,
@@ -469,8 +475,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "summary": summary,
               "curves": {f"{r['variant']}-s{r['seed']}": r["curve"] for r in results}}
     (args.out / "recall.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_compact(report, args.out / "summary.json")
     png = plot(results, summary, cfg, args.out / "recall.png")
-    print(f"wrote {args.out / 'recall.json'} and {png}")
+    print(f"wrote {args.out / 'recall.json'}, {args.out / 'summary.json'} (without the curves) and {png}")
     return report
 
 

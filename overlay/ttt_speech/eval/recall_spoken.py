@@ -53,6 +53,7 @@ from ttt_speech.data.interleave import (
     tokenize_words,
 )
 from ttt_speech.data.manifest import MAIN_SPEAKER, Word
+from ttt_speech.eval import recall
 from ttt_speech.eval import recall_docs as rd
 from ttt_speech.eval.nll import frame_nll
 from ttt_speech.eval.recall import receptive_field, relevant_fields
@@ -443,8 +444,6 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per score (`text_repeat`, ..., and `text_recall_gain` / `audio_recall_gain`: first minus repeat per
     document): `eval.recall.summarize` over seeds; for `text_repeat` and `audio_repeat`, also per variant and seed
     the paired per-document difference against the window model with its cluster-bootstrap CI over voices."""
-    from ttt_speech.eval import recall
-
     # per document, how much lower the repeat is than the first mention: recall within one model, free of how
     # well the model knows new content in general
     results = [{**r, **{f"{s}_recall_gain": list(np.subtract(r[f"{s}_first"], r[f"{s}_repeat"]))
@@ -485,8 +484,6 @@ def _estimate_dict(e: Estimate) -> dict[str, Any]:
 
 def format_tables(summary: dict[str, dict[str, Any]]) -> str:
     """The text and audio tables: repeat NLL (the recall) with the paired statistics, and first / unrelated."""
-    from ttt_speech.eval import recall
-
     lines = []
     for stream in ("text", "audio"):
         rows = summary[f"{stream}_repeat"]
@@ -598,6 +595,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "summary": summary, "curves": {f"{r['variant']}-s{r['seed']}": r["curve"] for r in results}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recall_spoken.json").write_text(json.dumps(report, indent=1) + "\n")
+    recall.write_compact(report, args.out / "summary.json")
     png = plot(results, summary, args.out / "recall_spoken.png")
-    print(f"wrote {args.out / 'recall_spoken.json'} and {png}")
+    print(f"wrote {args.out / 'recall_spoken.json'}, {args.out / 'summary.json'} (without the curves) and {png}")
     return report
