@@ -1,0 +1,221 @@
+"""`model.family: llama` in the one trainer, on a tiny random Llama: the teacher is the model without TTT, exact
+resume (1 and 2 gloo processes, stages and microbatches included), validation and the best export, the export
+loads, config and data errors name what is wrong."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from ttt_speech.config import ConfigError, load_config
+from ttt_speech.integrations.llama_omni import LlamaTTTForCausalLM, from_pretrained_ttt, ttt_modules
+from ttt_speech.integrations.llama_train import TINY, build_llama, trainable_names, ttt_bypassed
+from ttt_speech.train.config import TrainConfig
+from ttt_speech.train.llama_data import IGNORE, SyntheticTokens, TokenWindows, read_tokens
+from ttt_speech.train.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "llama_tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(run_dir: Path, *overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, CONFIG, [f"--run_dir={run_dir}", "--llama.seq_len=32", "--batch_size=2",
+                                             "--ckpt_freq=100", *overrides])
+
+
+def logged(run_dir: Path, name: str = "metrics.csv") -> list[dict[str, str]]:
+    """The rows of a run's CSV, without the timings."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in csv.DictReader((run_dir / name).open())]
+
+
+@pytest.mark.parametrize("mode", ["replace", "gated_residual"])
+def test_the_teacher_is_the_model_without_ttt(mode: str) -> None:
+    ids = torch.randint(1, TINY["vocab_size"], (2, 48), generator=torch.Generator().manual_seed(0))
+    plain = build_llama("tiny", None, None, seed=3, device=torch.device("cpu"), dtype=torch.float32).eval()
+    assert type(plain) is LlamaForCausalLM
+    model = build_llama("tiny", None, {"layers": [1, 3], "mode": mode, "mini_batch_size": 16,
+                                       **({"gate_init": 1.0} if mode == "gated_residual" else {})},
+                        seed=3, device=torch.device("cpu"), dtype=torch.float32).eval()
+    assert sorted(ttt_modules(model)) == [1, 3]
+    with torch.no_grad():
+        want = plain(ids).logits
+        student = model(ids).logits
+        with ttt_bypassed(model):
+            teacher = model(ids).logits
+        again = model(ids).logits
+    assert torch.equal(teacher, want)  # the same weights, attention in every layer
+    assert not torch.allclose(student, want, atol=1e-3)  # TTT is on outside the context ...
+    assert torch.equal(again, student)  # ... and comes back after it
+    assert not any(k.startswith("_ttt_teacher") or "teacher" in k for k in model.state_dict())
+
+
+def test_only_ttt_gates_and_norms_train_by_default() -> None:
+    model = build_llama("tiny", None, {"layers": [1], "mode": "gated_residual", "mini_batch_size": 16}, seed=0,
+                        device=torch.device("cpu"), dtype=torch.float32)
+    names = trainable_names(model, "ttt")
+    assert "model.layers.1.self_attn.ttt_gate" in names and "model.norm.weight" in names
+    assert "model.layers.0.input_layernorm.weight" in names
+    assert any(".self_attn.ttt." in n for n in names)
+    assert not any(n.endswith(("q_proj.weight", "mlp.up_proj.weight", "embed_tokens.weight", "lm_head.weight"))
+                   and ".ttt." not in n for n in names)
+
+
+def test_resume_gives_the_same_losses_stages_microbatches_and_validation(tmp_path: Path) -> None:
+    # two stages (32 then 48 tokens), two microbatches per step, validation at each stage's end
+    extra = ["--num_microbatches=2", "--max_steps=null", "--llama.val_batches=1",
+             "--stages=[{steps: 4, seq_len: 32}, {steps: 4, seq_len: 48}]"]
+    straight = train(tiny(tmp_path / "straight", *extra))
+    first = train(tiny(tmp_path / "resumed", *extra, "--stop_after=5"))
+    assert first["status"] == "stopped"
+    second = train(tiny(tmp_path / "resumed", *extra))
+    assert second["resumed_from_step"] == 5 and straight["seq_len"] == [32, 48]
+    # tolerance: exact
+    assert second["losses"] == straight["losses"][5:]
+    assert logged(tmp_path / "resumed") == logged(tmp_path / "straight")
+    assert logged(tmp_path / "resumed", "val.csv") == logged(tmp_path / "straight", "val.csv")
+    assert [r["step"] for r in logged(tmp_path / "straight", "val.csv")] == ["4", "8"]
+    best = json.loads((tmp_path / "straight/best/best.json").read_text())
+    val = {int(r["step"]): float(r["ppl_student"]) for r in logged(tmp_path / "straight", "val.csv")}
+    assert best["step"] == min(val, key=val.get)
+
+
+def test_export_loads_with_its_ttt_weights(tmp_path: Path) -> None:
+    cfg = tiny(tmp_path / "run", "--max_steps=3")
+    result = train(cfg)
+    model, report = from_pretrained_ttt(LlamaTTTForCausalLM, result["export"])
+    assert report.initialised == [] and sorted(ttt_modules(model)) == [1, 3]
+    ids = torch.randint(1, TINY["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1))
+    rebuilt = build_llama("tiny", None, cfg.ttt, seed=0, device=torch.device("cpu"), dtype=torch.float32)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids).logits, rebuilt.eval()(ids).logits)
+
+
+def test_finetune_objective_trains_cross_entropy(tmp_path: Path) -> None:
+    result = train(tiny(tmp_path / "run", "--llama.objective=finetune", "--llama.trainable=all", "--max_steps=3",
+                        "--export_safetensors=false"))
+    rows = logged(tmp_path / "run")
+    assert rows[0]["kl"] == "nan" and float(rows[0]["ce"]) == pytest.approx(result["losses"][0], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_with_two_gloo_processes_and_fsdp2(tmp_path: Path) -> None:
+    def run(run_dir: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "ttt_speech.cli", "finetune", str(CONFIG), f"--run_dir={run_dir}", "--llama.seq_len=32",
+               "--batch_size=2", "--max_steps=6", "--export_safetensors=false", "--llama.val_batches=1",
+               "--num_microbatches=2", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "straight")
+    run(tmp_path / "resumed", "--stop_after=3")
+    assert {f.name for f in (tmp_path / "resumed/checkpoints/step_0000003").iterdir()} >= {"rank_0.pt", "rank_1.pt"}
+    run(tmp_path / "resumed")
+    # tolerance: exact, as in one process; the logged loss is the mean over both ranks
+    assert logged(tmp_path / "resumed") == logged(tmp_path / "straight")
+    assert logged(tmp_path / "resumed", "val.csv") == logged(tmp_path / "straight", "val.csv")
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    def fails(match: str, *overrides: str) -> None:
+        with pytest.raises(ConfigError, match=match):
+            tiny(tmp_path, *overrides)
+
+    fails(r"llama.seq_len=40 is not a multiple of ttt.mini_batch_size=16", "--llama.seq_len=40")
+    fails(r"stages\[1\].seq_len=20 is not a multiple", "--max_steps=null",
+          "--stages=[{steps: 2}, {steps: 2, seq_len: 20}]")
+    fails(r"unknown key ttt.layer; the llama ttt: section has", "--ttt.layer=[1]")
+    fails(r"ttt.ttt_mode: write the field without its prefix", "--ttt.ttt_mode=replace")
+    fails(r"data: configures Moshi's audio pipeline", "--data.train_data=x.jsonl", "--data.tokenizer=t.model")
+    fails(r"distill needs a ttt: section", "--ttt=null")
+    fails(r"num_microbatches must be >= 1", "--num_microbatches=0")
+    with pytest.raises(ConfigError, match="llama: configures model.family: llama"):
+        load_config(TrainConfig, REPO / "configs" / "tiny.yaml", [f"--run_dir={tmp_path}", "--llama.seq_len=64"])
+    assert tiny(tmp_path, "--ttt.base_lr=1e-1").ttt["base_lr"] == 0.1  # YAML's 1e-1 (a string) read as a number
+
+
+def test_data_files_and_their_errors(tmp_path: Path) -> None:
+    jsonl = tmp_path / "tokens.jsonl"
+    jsonl.write_text('{"input_ids": [1, 2, 3]}\n\n{"input_ids": [4, 5]}\n')
+    ids, labels = read_tokens(str(jsonl), 16, None)
+    assert ids.tolist() == [1, 2, 3, 4, 5] and torch.equal(ids, labels)
+    jsonl.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [4, 99]}\n')
+    with pytest.raises(ConfigError, match=r"tokens.jsonl:2: token id 99 outside the model's vocabulary \[0, 16\)"):
+        read_tokens(str(jsonl), 16, None)
+    jsonl.write_text('{"ids": [1]}\n')
+    with pytest.raises(ConfigError, match=r"tokens.jsonl:1: expected \{\"input_ids\""):
+        read_tokens(str(jsonl), 16, None)
+
+    def chars(text: str) -> list[int]:
+        return [ord(c) % 32 for c in text]
+
+    conv = tmp_path / "instruct.json"
+    conv.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                                              {"from": "gpt", "value": "yo"}]}]))
+    ids, labels = read_tokens(str(conv), 32, chars)
+    human, gpt = chars("human: hi\n"), chars("gpt: yo\n")
+    assert ids.tolist() == human + gpt and labels.tolist() == [IGNORE] * len(human) + gpt
+    with pytest.raises(ConfigError, match="set llama.tokenizer"):
+        read_tokens(str(conv), 32, None)
+    conv.write_text(json.dumps([{"id": "s1", "speech": "a.wav", "conversations": [
+        {"from": "human", "value": "<speech>\nwhat?"}, {"from": "gpt", "value": "yes"}]}]))
+    with pytest.raises(ConfigError, match=r"sample 0 \(id 's1'\): has speech 'a.wav'; training is text-only"):
+        read_tokens(str(conv), 32, chars)
+
+
+def test_loaders_resume_exactly() -> None:
+    for make in (lambda: SyntheticTokens(batch_size=2, seq_len=8, vocab_size=32, seed=1, rank=0),
+                 lambda: TokenWindows(torch.arange(400) % 31, torch.arange(400) % 31, batch_size=2, seq_len=8, seed=1,
+                                      rank=1, world_size=2, shuffle=True, where="x")):
+        a = make()
+        full = [next(a) for _ in range(30)]  # past an epoch of the windows
+        b = make()
+        [next(b) for _ in range(11)]
+        c = make()
+        c.load_state_dict(b.state_dict())
+        assert all(torch.equal(x, y) for x, y in zip(full[11:], [next(c) for _ in range(19)], strict=True))
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_OMNI_SRC"),
+                    reason="LLaMA-Omni is only on GitHub: set LLAMA_OMNI_SRC to a checkout or archive of the pin")
+def test_the_patched_omni_speech_class_trains(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "upstream.py"), "apply", "llama-omni",
+                           "--lock", str(_lock_copy(tmp_path)), "--no-install"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    checkout = tmp_path / "upstream" / "llama-omni"
+    kwargs = json.dumps({**TINY, "model_type": "omni_speech_llama"})
+    cmd = [sys.executable, "-m", "ttt_speech.cli", "finetune", str(CONFIG), f"--run_dir={tmp_path / 'run'}",
+           f"--model.lm_kwargs={kwargs}", "--llama.seq_len=32", "--batch_size=2", "--max_steps=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(checkout), str(REPO / "overlay")])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=checkout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "run/export/config.json").read_text())
+    assert config["architectures"] == ["OmniSpeechLlamaForCausalLM"] and config["use_ttt"] is True
+    rows = logged(tmp_path / "run")
+    assert len(rows) == 4 and all(float(r["kl"]) >= 0 for r in rows)
+
+
+def _lock_copy(tmp_path: Path) -> Path:
+    import shutil
+
+    shutil.copy(REPO / "upstream.lock", tmp_path / "upstream.lock")
+    shutil.copytree(REPO / "patches", tmp_path / "patches")
+    return tmp_path / "upstream.lock"
