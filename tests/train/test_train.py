@@ -130,7 +130,7 @@ def test_config_is_strict(tmp_path: Path) -> None:
         from_dict(TrainConfig, {"run_dir": "x", "parallel": "deepspeed"})
     cfg = tiny(tmp_path, "--optim.lr=1e-4")
     assert cfg.optim.lr == 1e-4 and cfg.optim.betas == [0.9, 0.95]
-    with pytest.raises(ConfigError, match=r"tiny.yaml: unknown key ttt\.chunk; MoshiTTTConfig has kind"):
+    with pytest.raises(ConfigError, match=r"tiny.yaml: unknown key ttt\.chunk; MoshiTTTConfig has .*\bkind\b"):
         tiny(tmp_path / "bad", "--ttt={kind: inplace, chunk: 4}")  # at load time, before anything runs
 
 

@@ -258,7 +258,7 @@ def test_a_checkpoint_of_another_shape_names_the_file_and_keys(base_run, tmp_pat
     (['--ttt.chunk_size="8"'], r"ttt\.chunk_size must be an integer, got '8'"),
     (["--ttt.chunk_size=8.5"], r"ttt\.chunk_size must be an integer, got 8\.5"),
     (["--ttt.layers=0,2"], r"ttt\.layers must be list or None, got '0,2'"),
-    (["--ttt.chunk_sise=8"], r"unknown key ttt\.chunk_sise; MoshiTTTConfig has kind, layers"),
+    (["--ttt.chunk_sise=8"], r"unknown key ttt\.chunk_sise; MoshiTTTConfig has .*\bkind, layers\b"),
     (["--ttt.kind=blocks"], r"ttt\.kind must be 'inplace' or 'block'"),
 ])
 def test_nonsense_config_values_are_named_at_load(tmp_path, overrides, message) -> None:

@@ -134,16 +134,16 @@ FROM_CHECKPOINT = "from_checkpoint"  # `ttt: from_checkpoint`: take the TTT conf
 
 
 @dataclasses.dataclass
-class MoshiTTTConfig:
-    """Which TTT goes where in a Moshi `LMModel`.
+class MoshiTTTConfig(InPlaceTTTConfig):
+    """Which TTT goes where in a Moshi `LMModel`. The In-Place knobs are `InPlaceTTTConfig`'s fields, inherited.
 
     Args:
         kind: "inplace" (In-Place TTT: W_down of the FFN gating becomes a fast weight) or "block" (a gated
             TTT-Linear/MLP block between attention and FFN).
         layers: main-transformer layer indices; None means every `every`-th layer from 0 (Moshi 7B: 0, 6, ..., 30).
         every: the stride used when `layers` is None.
-        chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std, decay, max_delta: In-Place TTT, see
-            `InPlaceTTTConfig` (target default "input_embeddings": the full per-frame input embedding).
+        chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std, decay, max_delta: In-Place TTT,
+            inherited from `InPlaceTTTConfig` (`conv_kernel` None stays None here; `inplace_config` resolves it).
         ttt_layer_type, ttt_num_heads, ttt_mini_batch_size, ttt_base_lr, ttt_use_gate, ttt_share_qk: the block's
             TTT-Linear/MLP (see `ttt_speech.nn.TTTConfig`); `ttt_num_heads` None means the model's head count.
             The defaults (one head, `ttt_share_qk`) and `ttt_options`' default are the recall preset
@@ -158,15 +158,6 @@ class MoshiTTTConfig:
     kind: str = "inplace"
     layers: list[int] | None = None
     every: int = 6
-    chunk_size: int = 512
-    lr: float = 0.3
-    conv: str = "centred"
-    conv_kernel: int | None = None
-    target: str = "input_embeddings"
-    clip_tau: float | None = None
-    target_init_std: float = 0.02
-    decay: float | None = None
-    max_delta: float | None = None
     ttt_layer_type: str = "linear"
     ttt_num_heads: int | None = DEFAULT_BLOCK_NUM_HEADS
     ttt_mini_batch_size: int = 16
@@ -177,7 +168,7 @@ class MoshiTTTConfig:
     gate_init: float = 0.1
     ttt_context: int | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # not InPlaceTTTConfig's: it fills conv_kernel in, and configs keep None
         if self.kind not in ("inplace", "block"):
             raise ValueError(f"ttt.kind must be 'inplace' or 'block', got {self.kind!r}")
         if self.every < 1:
@@ -186,9 +177,7 @@ class MoshiTTTConfig:
         check_block_options(self.ttt_options, share_qk=self.ttt_share_qk)
 
     def inplace_config(self) -> InPlaceTTTConfig:
-        return InPlaceTTTConfig(chunk_size=self.chunk_size, lr=self.lr, conv=self.conv, conv_kernel=self.conv_kernel,
-                                target=self.target, clip_tau=self.clip_tau, target_init_std=self.target_init_std,
-                                decay=self.decay, max_delta=self.max_delta)
+        return InPlaceTTTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InPlaceTTTConfig)})
 
     def block_config(self, dim: int, num_heads: int) -> TTTConfig:
         return TTTConfig(hidden_size=dim, num_heads=self.ttt_num_heads or num_heads, layer_type=self.ttt_layer_type,
