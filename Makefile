@@ -7,8 +7,8 @@ STAMP := $(VENV)/.setup-stamp
 # moshi compiles some functions on first call otherwise (~14 s each on CPU)
 export NO_TORCH_COMPILE ?= 1
 
-.PHONY: setup apply-patches check-patches export-patches upstream-status quickstart test lint samples system-deps \
-	eval-librilight
+.PHONY: setup apply-patches check-patches export-patches upstream-status quickstart quickstart-llama test lint \
+	samples system-deps eval-librilight
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ samples: $(STAMP)
 
 quickstart: apply-patches samples
 	$(VENV)/bin/ttt-speech quickstart
+
+# distil a tiny random Llama (LLaMA-Omni's patched class is trained by the tests when LLAMA_OMNI_SRC is set) into
+# TTT-Linear with a resume; prints the path of runs/quickstart-llama/summary.json. About a minute on 2 CPU cores.
+quickstart-llama: apply-patches
+	$(VENV)/bin/ttt-speech quickstart --llama --out runs/quickstart-llama
 
 # NLL by position past the attention window. Defaults: the quickstart's base and TTT models on the sample audiobook.
 # Real use: make eval-librilight CHECKPOINTS="base=/path/moshi.safetensors ttt=runs/x/export" \

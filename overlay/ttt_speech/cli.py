@@ -57,9 +57,12 @@ def _main(argv: list[str] | None) -> int:
 
     quick = sub.add_parser("quickstart", help="the whole pipeline on the tiny default: fine-tune with a resume, "
                            "plots, eval report (CPU, a few minutes)")
-    quick.add_argument("--out", default="runs/quickstart")
-    quick.add_argument("--steps", type=int, default=200)
+    quick.add_argument("--out", default=None, help="default runs/quickstart (runs/quickstart-llama with --llama)")
+    quick.add_argument("--steps", type=int, default=None, help="default 200 (240 with --llama)")
     quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--llama", action="store_true", help="instead: distil a tiny random Llama's top-quarter "
+                       "attention into TTT-Linear, with a resume; KL, perplexity by position and recall, teacher vs "
+                       "student, in summary.json (CPU, about a minute)")
 
     ft = sub.add_parser("finetune", help="fine-tune from a YAML config; extra --key.sub=value override it",
                         epilog="examples: ttt-speech finetune configs/tiny.yaml --max_steps=50; "
@@ -160,9 +163,14 @@ def _main(argv: list[str] | None) -> int:
             extra = [*extra, f"--allow_config_change=[{', '.join(args.allow_config_change)}]"]
 
     if args.command == "quickstart":
+        if args.llama:
+            from ttt_speech import quickstart_llama
+
+            quickstart_llama.run(out=args.out or "runs/quickstart-llama", steps=args.steps or 240, seed=args.seed)
+            return 0
         from ttt_speech import quickstart
 
-        quickstart.run(out=args.out, steps=args.steps, seed=args.seed)
+        quickstart.run(out=args.out or "runs/quickstart", steps=args.steps or 200, seed=args.seed)
     elif args.command == "finetune":
         from ttt_speech.launch import submit
 

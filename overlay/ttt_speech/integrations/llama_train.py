@@ -133,13 +133,16 @@ def ttt_bypassed(model: nn.Module) -> Iterator[None]:
 
 
 def trainable_names(model: nn.Module, what: str) -> set[str]:
-    """Parameter names to train: "ttt" (TTT parameters, residual gates, and every RMSNorm weight) or "all"."""
+    """Parameter names to train: "ttt" (what TTT added: its projections, inner-loop lr, its own norms `ttt_norm` and
+    `post_norm`, W0, and the residual gates) or "all".
+
+    The model's RMSNorms stay frozen under "ttt": the teacher runs through them too, so training them would move
+    the teacher that distillation matches (a moving target the student could chase towards flat distributions)."""
     names = {n for n, _ in model.named_parameters()}
     if what == "all":
         return names
     ttt = set(ttt_parameter_names(model))
-    norms = {n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")}
-    return {n for n in names if n in ttt or n.rsplit(".", 1)[0] in norms}
+    return {n for n in names if n in ttt}
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -1,0 +1,94 @@
+"""Evaluations of a Llama TTT student against its teacher (the same model with TTT bypassed):
+
+- `perplexity_by_position`: NLL per position bin, teacher vs student, with the paired difference per document and a
+  cluster-bootstrap CI (`eval/stats.py`, as `eval-librilight`);
+- `recall`: a fact (a key and its value) in turn 1, asked for after N filler turns; the answer tokens' NLL under
+  the teacher and the student, paired per conversation.
+
+Both run one forward per document (TTT layers scan it; attention sees all of it), the same semantics as a
+`ConversationSession` fed turn by turn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ttt_speech.eval.stats import cluster_bootstrap, paired_differences, t_interval
+from ttt_speech.integrations.llama_train import ttt_bypassed
+from ttt_speech.train.llama_data import SyntheticTokens
+
+
+@torch.no_grad()
+def token_nll(model, ids: torch.Tensor, teacher: bool) -> torch.Tensor:
+    """Next-token NLL of `ids` [B, T] under the student (or the teacher), of shape [B, T - 1] float32."""
+    was = model.training
+    model.eval()
+    try:
+        if teacher:
+            with ttt_bypassed(model):
+                logits = model(input_ids=ids, use_cache=False).logits
+        else:
+            logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        model.train(was)
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+
+
+def _estimate(e) -> dict[str, Any]:
+    return {"mean": e.mean, "ci95": e.ci95, "n": e.n}
+
+
+def perplexity_by_position(model, docs: torch.Tensor, bins: int = 4, batch_size: int = 4) -> list[dict[str, Any]]:
+    """Per position bin of `docs` [D, T]: teacher and student mean NLL and perplexity, and the paired per-document
+    difference student - teacher with its 95% bootstrap CI (each document its own cluster)."""
+    teacher = torch.cat([token_nll(model, docs[i:i + batch_size], True) for i in range(0, len(docs), batch_size)])
+    student = torch.cat([token_nll(model, docs[i:i + batch_size], False) for i in range(0, len(docs), batch_size)])
+    T = teacher.shape[1]
+    edges = np.linspace(0, T, bins + 1).astype(int)
+    rows = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        t = teacher[:, lo:hi].mean(1).double().numpy()
+        s = student[:, lo:hi].mean(1).double().numpy()
+        diff = cluster_bootstrap(paired_differences(s, t), list(range(len(t))))
+        rows.append({"positions": [int(lo) + 1, int(hi)], "teacher_nll": float(t.mean()),
+                     "student_nll": float(s.mean()), "teacher_ppl": math.exp(float(t.mean())),
+                     "student_ppl": math.exp(float(s.mean())), "student_minus_teacher": _estimate(diff)})
+    return rows
+
+
+def recall_conversations(vocab_size: int, turns: int, n: int, *, turn_len: int = 32, seed: int = 0,
+                         key_len: int = 2, value_len: int = 3) -> tuple[torch.Tensor, slice]:
+    """`n` conversations [n, T] and the slice of their answer tokens: turn 1 states `A key B value`, then `turns`
+    filler turns (walks of the training chain), then the question `A key B` and the answer `value`. Token 1 is A,
+    token 2 is B; keys, values and fillers are drawn from the rest."""
+    g = torch.Generator().manual_seed(seed)
+    chain = SyntheticTokens(batch_size=n, seq_len=turn_len, vocab_size=vocab_size, seed=seed, rank=0, stream=7)
+    key = torch.randint(3, vocab_size, (n, key_len), generator=g)
+    value = torch.randint(3, vocab_size, (n, value_len), generator=g)
+    a, b = torch.full((n, 1), 1), torch.full((n, 1), 2)
+    parts = [a, key, b, value, next(chain)[:, 0]]
+    parts += [next(chain)[:, 0] for _ in range(turns)]
+    parts += [a, key, b, value]
+    ids = torch.cat(parts, dim=1)
+    return ids, slice(ids.shape[1] - value_len, ids.shape[1])
+
+
+def recall(model, turns: list[int], n: int = 16, seed: int = 0, turn_len: int = 32) -> list[dict[str, Any]]:
+    """Answer-token NLL, teacher vs student, after each number of filler `turns` (the same conversations for both,
+    paired per conversation, Student-t CI over the `n` conversations)."""
+    rows = []
+    for k in turns:
+        ids, answer = recall_conversations(model.config.vocab_size, k, n, turn_len=turn_len, seed=seed)
+        # NLL of token t sits at index t - 1
+        cols = slice(answer.start - 1, answer.stop - 1)
+        t = token_nll(model, ids, True)[:, cols].mean(1).double().numpy()
+        s = token_nll(model, ids, False)[:, cols].mean(1).double().numpy()
+        rows.append({"turns": k, "tokens": ids.shape[1], "teacher_answer_nll": float(t.mean()),
+                     "student_answer_nll": float(s.mean()),
+                     "student_minus_teacher": _estimate(t_interval(paired_differences(s, t)))})
+    return rows
