@@ -1,7 +1,8 @@
 """The fine-tuning config. Keys follow moshi-finetune's where they mean the same (`run_dir`, `duration_sec`,
 `batch_size`, `max_steps`, `first_codebook_weight_multiplier`, `text_padding_weight`, `gradient_checkpointing`,
-`optim.{lr, weight_decay, pct_start}`, `lora.{enable, rank, scaling}`, `data.{train_data, shuffle}`, `seed`,
-`log_freq`, `ckpt_freq`)."""
+`optim.{lr, weight_decay, pct_start}`, `lora.{enable, rank, scaling, ft_embed}`, `data.{train_data, shuffle,
+eval_data}`, `seed`, `num_microbatches`, `log_freq`, `ckpt_freq`, `do_eval`, `eval_freq`, `do_ckpt`, `save_adapters`,
+`wandb`); its other keys are moved, resolved or refused by `ttt_speech.train.moshi_finetune`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Literal
 from ttt_speech.config import ConfigError, from_dict
 from ttt_speech.data.audio import FRAME_RATE
 from ttt_speech.train.llama_config import LlamaTrainConfig, check_llama_family, check_llama_ttt
+from ttt_speech.train.moshi_finetune import MoshiPathsConfig, WandbConfig, fold_moshi_finetune
 
 # max_steps when neither it nor `stages` is given
 DEFAULT_MAX_STEPS = 100
@@ -55,6 +57,8 @@ class DataConfig:
         tokenizer: SentencePiece model for the text stream.
         mimi: Mimi weights (a local path) or "tiny-random".
         codes_dir: pre-encoded code shards of `train_data` (see `ttt-speech encode`); None encodes on the fly.
+        eval_data: a jsonl manifest evaluated every `eval_freq` steps when `do_eval` (its crops in order, from
+            their start), or "synthetic" (with synthetic training data); "" none.
     """
 
     train_data: str = "synthetic"
@@ -62,13 +66,14 @@ class DataConfig:
     tokenizer: str | None = None
     mimi: str = "tiny-random"
     codes_dir: str | None = None
+    eval_data: str = ""
 
     def __post_init__(self) -> None:
         if not self.train_data:
             raise ConfigError('data.train_data must name a jsonl manifest, or be "synthetic"')
-        if self.train_data != "synthetic" and not self.tokenizer:
-            raise ConfigError(f"data.tokenizer is required with data.train_data={self.train_data!r}: the SentencePiece "
-                              "model of the text stream")
+        if self.eval_data == "synthetic" and self.train_data != "synthetic":
+            raise ConfigError(f"data.eval_data: synthetic with data.train_data={self.train_data!r}: evaluate on a "
+                              "held-out manifest of the same kind")
         if self.train_data == "synthetic" and self.codes_dir is not None:
             raise ConfigError(f"data.codes_dir={self.codes_dir!r} with data.train_data=synthetic: synthetic codes "
                               "are generated, never read; drop codes_dir or name the manifest it was encoded from")
@@ -116,6 +121,8 @@ class LoraConfig:
     enable: bool = False
     rank: int = 16
     scaling: float = 2.0
+    # moshi-finetune's: the text and audio embeddings train fully too (and go into the adapter export)
+    ft_embed: bool = False
 
     def __post_init__(self) -> None:
         if self.rank < 1:
@@ -167,15 +174,44 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     # keys that may differ from the checkpoint's config on resume (`ttt-speech finetune --allow-config-change`)
     allow_config_change: list[str] = field(default_factory=list)
+    # evaluation on data.eval_data every eval_freq steps (0: at the last step only); the best goes to run_dir/best
+    do_eval: bool = False
+    eval_freq: int = 0
+    eval_batches: int = 40  # per evaluation, split over the processes (moshi-finetune's 40)
+    # do_ckpt: false saves no checkpoint except on a stop signal (SIGTERM/SIGUSR1), so a requeue still resumes
+    do_ckpt: bool = True
+    # with lora.enable, the export also holds lora.safetensors: the adapters and what trains fully, for moshi's
+    # get_moshi_lm(lora_weights=...) (no TTT) or ttt_speech.train.adapters.load_adapters (docs/finetune.md)
+    save_adapters: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # moshi-finetune's keys (train/moshi_finetune.py): resolved through moshi's CheckpointInfo when the run starts
+    moshi_paths: MoshiPathsConfig = field(default_factory=MoshiPathsConfig)
+    full_finetuning: bool | None = None  # when given: must be `not lora.enable`
+    overwrite_run_dir: bool | None = None  # true refused: run_dir holds the checkpoints a resume needs
+    # moshi-finetune's names of optim.max_norm, keep_checkpoints, model.dtype: moved there with a note
+    max_norm: float | None = None
+    num_ckpt_keep: int | None = None
+    param_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        fold_moshi_finetune(self)
         if self.parallel not in ("fsdp2", "none"):
             raise ConfigError(f"parallel: {self.parallel!r} is not supported; use 'fsdp2' (sharded, any number of "
                               "processes) or 'none' (one process). DeepSpeed/DDP are not offered: FSDP2 with DCP "
                               "checkpoints is the one tested path.")
         if not self.run_dir.strip():
             raise ConfigError("run_dir is empty; name the folder that receives checkpoints, logs and the export")
-        for name in ("batch_size", "num_microbatches", "max_steps", "log_freq", "monitor_freq", "ckpt_freq",
+        if self.data.train_data != "synthetic" and not self.data.tokenizer and not self.moshi_paths.active:
+            raise ConfigError(f"data.tokenizer is required with data.train_data={self.data.train_data!r}: the "
+                              "SentencePiece model of the text stream (or moshi_paths.tokenizer_path / hf_repo_id)")
+        for name in ("ckpt_freq", "eval_freq"):  # 0: at the last step only (moshi-finetune's meaning)
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: at the last step only), got {getattr(self, name)}")
+        if self.eval_batches < 1:
+            raise ConfigError(f"eval_batches must be >= 1, got {self.eval_batches}")
+        if self.do_eval and not self.data.eval_data:
+            raise ConfigError("do_eval: true without data.eval_data; name the held-out manifest to evaluate on")
+        for name in ("batch_size", "num_microbatches", "max_steps", "log_freq", "monitor_freq",
                      "keep_checkpoints", "stop_after", "max_nonfinite_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -2,7 +2,8 @@
 
 A resume continues the run a checkpoint was made by, so its config must be that run's. Keys fall in three sets:
 
-- free: they only say how this invocation logs, saves and stops (`stop_after`, `log_freq`, `ckpt_freq`, ...);
+- free: they only say how this invocation logs, evaluates, saves and stops (`stop_after`, `log_freq`, `ckpt_freq`,
+  `do_eval`, `eval_freq`, `data.eval_data`, `wandb`, ...);
 - allowed on request: they change the optimisation, not what the checkpoint holds or which data comes next
   (`max_steps`, a stage's `steps` or `lr`, `optim.*`, the loss weights, `gradient_checkpointing`, `autocast`,
   `data.codes_dir`); `--allow-config-change KEY ...` names them;
@@ -22,7 +23,8 @@ from ttt_speech.config import to_dict
 from ttt_speech.errors import ConfigError
 
 FREE = ("run_dir", "stop_after", "log_freq", "monitor_freq", "ckpt_freq", "keep_checkpoints", "export_safetensors",
-        "max_nonfinite_steps", "allow_config_change")
+        "max_nonfinite_steps", "allow_config_change", "do_eval", "eval_freq", "eval_batches", "data.eval_data",
+        "do_ckpt", "save_adapters", "wandb", "overwrite_run_dir")
 ALLOWABLE = ("max_steps", "optim", "first_codebook_weight_multiplier", "text_padding_weight",
              "gradient_checkpointing", "autocast", "data.codes_dir")
 ALLOWABLE_STAGE_KEYS = ("steps", "lr")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ttt_speech.config import save_config
 from ttt_speech.errors import CheckpointMismatch, ConfigError, TrainingDiverged, TTTSpeechError
 from ttt_speech.integrations import moshi as moshi_int
+from ttt_speech.train.adapters import embedding_names, write_adapters
 from ttt_speech.train.checkpoint import (
     CheckpointError,
     find_resume_checkpoint,
@@ -30,9 +31,11 @@ from ttt_speech.train.checkpoint import (
 )
 from ttt_speech.train.config import TrainConfig
 from ttt_speech.train.data import FRAME_RATE, build_train_loader
+from ttt_speech.train.evaluation import TrainReports
 from ttt_speech.train.loss import moshi_loss
 from ttt_speech.train.model import apply_lora, build_model, merge_lora, parameter_groups, ttt_trainable_names
 from ttt_speech.train.monitor import Monitor
+from ttt_speech.train.moshi_finetune import resolve_moshi_paths
 from ttt_speech.train.parallel import all_mean, any_rank, barrier, init_distributed, parallelize
 from ttt_speech.train.resume import check_resume_config, truncate_log
 from ttt_speech.train.schedule import Schedule
@@ -146,7 +149,7 @@ class MoshiFamily:
         model, self.lm_kwargs = build_named(cfg, device)
         ttt_names = ttt_trainable_names(model)
         if cfg.lora.enable:
-            apply_lora(model, cfg.lora, keep_full=ttt_names)
+            apply_lora(model, cfg.lora, keep_full=ttt_names | (embedding_names(model) if cfg.lora.ft_embed else set()))
         parallelize(model, gradient_checkpointing=cfg.gradient_checkpointing, strategy=cfg.parallel,
                     world_size=world)
         return model, parameter_groups(model, cfg, ttt_names)
@@ -195,6 +198,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(f"parallel: none with {world} processes: nothing would synchronise their gradients; use "
                           "parallel: fsdp2, or one process")
     run_dir = Path(cfg.run_dir)
+    cfg = resolve_moshi_paths(cfg)  # moshi-finetune's moshi_paths, through moshi's CheckpointInfo
     resume_path = find_resume(run_dir, cfg, rank)
     if rank == 0:  # only once the resume checks passed
         save_config(cfg, run_dir / "config.yaml")
@@ -220,11 +224,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rank == 0:
         continue_logs(run_dir, resumed_from, family.metrics)
     monitor = Monitor(model, run_dir / "ttt_stats.csv" if rank == 0 else None, modules=family.ttt_modules(model))
+    reports = TrainReports(cfg, run_dir, rank, world, device, resumed_from)  # TensorBoard, jsonl, wandb; eval
     total = cfg.total_steps
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="finetune", unit="step")
     losses: list[float] = []
     bad_streak, skipped = 0, 0
-    with stop_signals(), contextlib.closing(bar):  # closed before an error is printed, so it gets its own line
+    # the bar is closed before an error is printed, so that gets its own line
+    with stop_signals(), contextlib.closing(bar), contextlib.closing(reports):
         while step < total:
             i, _ = schedule.stage_at(step)
             if i != stage_idx:  # a new curriculum stage: crops of its duration, data from its start
@@ -263,8 +269,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             losses.append(logged[0].item())
             tok_s = world * tokens / (time.perf_counter() - t0)
             if rank == 0:
-                monitor.collect(step - 1)
+                reports.log_ttt(monitor.collect(step - 1))
                 if step % cfg.log_freq == 0 or step == total:
+                    reports.log_train([step, stage_idx, *logged.tolist(), lr, grad_norm.item(), tok_s])
                     with (run_dir / "metrics.csv").open("a", newline="") as f:
                         csv.writer(f).writerow([step, stage_idx, *[f"{v:.6f}" for v in logged.tolist()], f"{lr:.3e}",
                                                 f"{grad_norm.item():.4f}", f"{tok_s:.0f}"])
@@ -272,10 +279,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 bar.update(1)
             if step == total or schedule.stage_at(step)[0] != stage_idx:  # a stage's end
                 family.validate(model, cfg, step, stage_idx, rank, world, device)
+            reports.after_step(model, step, total, stages[stage_idx].duration_sec)  # do_eval, eval_freq
             # signals reach ranks at different times
             stopping = any_rank(_stop_requested, device) or step == cfg.stop_after
-            periodic = step % cfg.ckpt_freq == 0 and bad_streak == 0  # not mid-streak: keep the last good ones
-            if periodic or step == total or stopping:
+            # not mid-streak: keep the last good ones; ckpt_freq 0 or do_ckpt false: no periodic checkpoint
+            periodic = cfg.do_ckpt and cfg.ckpt_freq > 0 and step % cfg.ckpt_freq == 0 and bad_streak == 0
+            if periodic or (step == total and cfg.do_ckpt) or stopping:
                 try:
                     save_checkpoint(run_dir, step, model, optimizer, schedule, {"step": step, "world_size": world},
                                     {"stage": stage_idx, "loader": loader.state_dict()}, rank, cfg.keep_checkpoints,
@@ -309,6 +318,8 @@ def export_consolidated(model, cfg: TrainConfig, lm_kwargs: dict[str, Any], out_
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         if cfg.lora.enable:
+            if cfg.save_adapters:
+                write_adapters(state, model, cfg.lora, lm_kwargs, out_dir)
             state = merge_lora(state, cfg.lora.scaling)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / moshi_int.WEIGHTS_FILE))
