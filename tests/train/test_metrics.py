@@ -4,6 +4,7 @@ records; a resumed run holds each step once, as a straight run does."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -72,3 +73,33 @@ def test_truncate_jsonl_drops_later_steps_and_a_torn_line(tmp_path) -> None:
     path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a": 3}\n{"step": 4, "a"')
     assert truncate_jsonl(path, 2) == 2
     assert path.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
+
+
+def test_wandb_gets_the_same_records_when_configured(tmp_path, monkeypatch) -> None:
+    import sys
+    import types
+
+    from ttt_speech.train.metrics import MetricsSinks
+    from ttt_speech.train.moshi_finetune import WandbConfig
+
+    calls: list[tuple] = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, values))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.login = lambda key: calls.append(("login", key))
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "online")  # restored after the test; the sink sets "offline"
+    sinks = MetricsSinks(tmp_path, True, None, WandbConfig(project="p", key="k", offline=True), {"seed": 0})
+    sinks.log("eval", 4, {"loss": 2.5, "kind": "inplace"})
+    sinks.close()
+    assert calls[0] == ("login", "k") and calls[1][1]["project"] == "p" and calls[1][1]["name"] == tmp_path.name
+    assert calls[2] == ("log", 4, {"eval/loss": 2.5}) and calls[3] == ("finish",)
+    assert records(tmp_path, "eval") == [{"step": 4, "loss": 2.5, "kind": "inplace"}]
+    assert os.environ["WANDB_MODE"] == "offline"
