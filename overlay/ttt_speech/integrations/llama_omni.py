@@ -717,8 +717,10 @@ class ConversationSession:
 
     Each `step` / `generate` feeds only the new tokens: TTT layers continue from their state and attention layers
     from their KV. Rows may bring different numbers of tokens (0 too); padding is masked out of attention and kept
-    out of the TTT states. A new conversation id on a row resets that row: TTT back to W0, its old KV masked out,
-    its attention positions back to 0. Attention KV (and padding) still grows with the turns; TTT states do not.
+    out of the TTT states. A new conversation id on a row resets that row: TTT back to W0, its old KV masked out and
+    freed (`llama_session.compact_kv`), its attention positions back to 0. Attention KV (and padding) still grows
+    with the turns; TTT states do not. `llama_session.save_session` / `load_session` park conversations in
+    safetensors files, one per conversation id.
 
     Args:
         model: a Llama / LLaMA-Omni causal LM with TTT installed, in eval mode.
@@ -750,6 +752,9 @@ class ConversationSession:
                 self.cache.ttt_states[idx] = ttt.reset_state(self.cache.ttt_states[idx], mask.cpu())
         self.attention_mask = self.attention_mask.masked_fill(mask.to(self.device)[:, None], 0)
         self.positions = self.positions.masked_fill(mask.cpu(), 0)
+        from ttt_speech.integrations.llama_session import compact_kv
+
+        compact_kv(self)  # reset rows free their KV columns
 
     def _switch(self, conversation_ids: Sequence[Hashable] | None) -> None:
         if conversation_ids is None:
