@@ -149,3 +149,19 @@ def test_pooled_by_document_averages_each_document_over_seeds_first() -> None:
     assert all(e.hi - e.lo > 1.0 for e in per_seed)  # the seeds alone do vary by document
     with pytest.raises(ValueError, match="same documents"):
         rs.pooled_by_document([runs[0], {**runs[1], "documents": docs[::-1]}], window)
+
+
+def test_training_curve_and_progress_line_show_the_step_they_name(banks, capsys) -> None:
+    """Held-out scores at step 0, every `eval_every` steps and at the end; the progress line of step N prints
+    the scores after step N (it once printed those of the evaluation before), and the last equals `evaluate`."""
+    cfg = rs.SpokenRecallConfig(**{**SMALL, "steps": 3, "eval_every": 2})
+    rf = receptive_field(cfg.lm_kwargs("window"))
+    docs = banks.heldout(rf, limit=1)
+    model = rs.build_variant("inplace", cfg, seed=0)
+    curve = rs.train(model, rs.TrainingDocuments(banks, seed=0, receptive=rf), cfg, docs, progress="inplace")
+    assert curve["eval_steps"] == [0, 2, 3] and len(curve["loss"]) == 3
+    assert curve["eval_text_repeat"][-1] == rs.evaluate(model, docs)["text_repeat"][0]
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["inplace step 2/3", "inplace step 3/3"]
+    for line, i in zip(lines, (1, 2), strict=True):
+        assert f"held-out first {curve['eval_text_first'][i]:.3f} repeat {curve['eval_text_repeat'][i]:.3f}" in line
