@@ -23,9 +23,9 @@ content is spoken): "first" (A the first time), "repeat" (A again, past the wind
 new content at the end). A model with memory has repeat < unrelated ~ first; one without has all three alike.
 
 Statistics: per (variant, seed), the mean over held-out documents; across seeds the mean with a Student-t 95% CI,
-paired differences against the window model per seed, gap closed per seed (`eval.recall.summarize`). Per seed
-also the per-document paired difference with a cluster-bootstrap CI over held-out voices (what the quickstart,
-which trains one seed, reports).
+paired differences against the window model per seed, gap closed per seed (`eval.recall.summarize`). Also the
+per-document paired difference with a cluster-bootstrap CI over held-out voices, per seed (what the quickstart,
+which trains one seed, reports) and pooled over seeds (`pooled_by_document`).
 """
 
 from __future__ import annotations
@@ -442,8 +442,9 @@ def paired_by_document(result: dict[str, Any], reference: dict[str, Any], score:
 
 def summarize(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per score (`text_repeat`, ..., and `text_recall_gain` / `audio_recall_gain`: first minus repeat per
-    document): `eval.recall.summarize` over seeds; for `text_repeat` and `audio_repeat`, also per variant and seed
-    the paired per-document difference against the window model with its cluster-bootstrap CI over voices."""
+    document): `eval.recall.summarize` over seeds; for `text_repeat` and `audio_repeat`, also per variant the
+    paired per-document difference against the window model with its cluster-bootstrap CI over voices, per seed
+    (`per_seed_document_ci`) and pooled over seeds (`document_ci`)."""
     # per document, how much lower the repeat is than the first mention: recall within one model, free of how
     # well the model knows new content in general
     results = [{**r, **{f"{s}_recall_gain": list(np.subtract(r[f"{s}_first"], r[f"{s}_repeat"]))
