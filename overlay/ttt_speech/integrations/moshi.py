@@ -196,11 +196,11 @@ class MoshiTTTConfig(InPlaceTTTConfig):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "ttt config") -> MoshiTTTConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
-        return cls(**data)
+        """`data` checked by the one config checker (`ttt_speech.config.from_dict`, as the training config's `ttt:`):
+        unknown keys, wrong types and YAML's string numbers, each named `ttt.<key>`; a `ConfigError`."""
+        from ttt_speech.config import from_dict
+
+        return from_dict(cls, data, where=where, prefix="ttt.")
 
 
 def ttt_modules(model: LMModel) -> dict[int, nn.Module]:
