@@ -108,9 +108,8 @@ def test_moshi_paths_resolve_through_moshis_checkpoint_info(tmp_path) -> None:
     # CheckpointInfo dropped the keys that are not LMModel arguments (model_type, lm_gen_config, moshi_name)
     assert resolved.model.lm_kwargs == tiny_lm_kwargs()
     assert not resolved.moshi_paths.active and cfg.moshi_paths.active  # the input is left as it was
-    missing = example(tmp_path / "2", f"--moshi_paths.tokenizer_path={tmp_path / 'none.model'}")
-    with pytest.raises(FileNotFoundError, match=r"moshi_paths\.tokenizer_path: no file at .*none\.model"):
-        resolve_moshi_paths(missing)
+    with pytest.raises(ConfigError, match=r"moshi_paths\.tokenizer_path: no file at .*none\.model"):
+        example(tmp_path / "2", f"--moshi_paths.tokenizer_path={tmp_path / 'none.model'}")  # at load: --check too
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ttt_speech.errors import ConfigError
@@ -145,6 +146,11 @@ def fold_moshi_finetune(cfg: Any) -> None:
                 source = f"moshi_paths.{theirs}" if getattr(paths, theirs) is not None else "moshi_paths.hf_repo_id"
                 raise ConfigError(f"{ours}: {current!r} with moshi_paths set: {source} supplies it; give it in one "
                                   "place (moshi_paths, or model/data without moshi_paths)")
+        for key in ("moshi_path", "mimi_path", "tokenizer_path", "config_path"):  # local files: checked now
+            value = getattr(paths, key)
+            if value is not None and not value.startswith("hf://") and value != "tiny-random" \
+                    and not Path(value).is_file():
+                raise ConfigError(f"moshi_paths.{key}: no file at {value} (a local file, or hf://repo/file)")
         if paths.hf_repo_id is None and None in (paths.moshi_path, paths.mimi_path, paths.tokenizer_path):
             missing = [k for k in ("moshi_path", "mimi_path", "tokenizer_path") if getattr(paths, k) is None]
             raise ConfigError(f"moshi_paths: without hf_repo_id, {', '.join('moshi_paths.' + k for k in missing)} "
