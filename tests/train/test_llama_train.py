@@ -162,6 +162,8 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="llama: configures model.family: llama"):
         load_config(TrainConfig, REPO / "configs" / "tiny.yaml", [f"--run_dir={tmp_path}", "--llama.seq_len=64"])
     assert tiny(tmp_path, "--ttt.base_lr=1e-1").ttt["base_lr"] == 0.1  # YAML's 1e-1 (a string) read as a number
+    recipe = load_config(TrainConfig, REPO / "configs" / "llama_omni_distill.yaml")
+    assert [s.seq_len for s in recipe.stages] == [8192, 16384, 32768, 65536] and recipe.ttt["layers"][0] == 24
 
 
 def test_data_files_and_their_errors(tmp_path: Path) -> None:
