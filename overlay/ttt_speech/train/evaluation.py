@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ttt_speech.config import to_dict
 from ttt_speech.errors import ConfigError
@@ -85,6 +86,9 @@ class TrainReports:
         if self.rank == 0:
             self.sinks.log("eval", step, losses)
             self.sinks.flush()
+            best = " (best so far)" if losses["loss"] < self.best else ""
+            tqdm.write(f"eval at step {step}: loss {losses['loss']:.4f} (text {losses['text_loss']:.4f}, audio "
+                       f"{losses['audio_loss']:.4f}) on {losses['batches']} batches of {self.cfg.data.eval_data}{best}")
         if losses["loss"] < self.best:
             self.best = losses["loss"]
             tmp = self.run_dir / (BEST + ".partial")
