@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,9 @@ class WandbConfig:
 
 
 def note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, from the first process only (every torchrun / SLURM task loads the config)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def _default(cfg: Any, dotted: str) -> Any:
