@@ -19,7 +19,9 @@ from ttt_speech.config import ConfigError, load_config
 from ttt_speech.integrations.llama_omni import LlamaTTTForCausalLM, from_pretrained_ttt, ttt_modules
 from ttt_speech.integrations.llama_train import TINY, build_llama, trainable_names, ttt_bypassed
 from ttt_speech.train.config import TrainConfig
+from ttt_speech.train.llama import LlamaFamily
 from ttt_speech.train.llama_data import IGNORE, SyntheticTokens, TokenWindows, read_tokens
+from ttt_speech.train.monitor import plot_monitor
 from ttt_speech.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +110,29 @@ def test_resume_gives_the_same_losses_stages_microbatches_and_validation(tmp_pat
     assert best["step"] == min(val, key=val.get)
 
 
+@pytest.mark.parametrize("objective", ["distill", "finetune"])
+def test_the_loss_in_slices_equals_the_whole_sequence_loss(tmp_path: Path, objective: str) -> None:
+    extra = [f"--llama.objective={objective}", "--llama.seq_len=48", "--llama.trainable=all"]
+    extra += ["--llama.hidden_mse_weight=0.5"] if objective == "distill" else []
+    whole, sliced = tiny(tmp_path, *extra), tiny(tmp_path, *extra, "--llama.loss_chunk=20")  # uneven slices
+    family = LlamaFamily()
+    model, _ = family.build(whole, torch.device("cpu"), 1)
+    batch = next(family.loader(whole, whole.stage_list()[0], 0, 1, torch.device("cpu")))
+    batch[:, 1, :7] = IGNORE  # some unlabelled positions
+    results = []
+    for cfg in (whole, sliced):
+        model.zero_grad()
+        loss, parts = family.loss(model, batch, cfg)
+        loss.backward()
+        results.append((loss.detach(), torch.stack(parts), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (l0, p0, g0), (l1, p1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-7, equal_nan=True)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert g0["model.layers.3.self_attn.ttt.W1"].abs().sum() > 0
+
+
 def test_export_loads_with_its_ttt_weights(tmp_path: Path) -> None:
     cfg = tiny(tmp_path / "run", "--max_steps=3")
     result = train(cfg)
@@ -118,6 +143,16 @@ def test_export_loads_with_its_ttt_weights(tmp_path: Path) -> None:
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, rebuilt.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("mode", ["replace", "gated_residual"])
+def test_the_monitor_records_the_ttt_layers_and_plots(tmp_path: Path, mode: str) -> None:
+    train(tiny(tmp_path, f"--ttt.mode={mode}", "--max_steps=2", "--monitor_freq=1", "--export_safetensors=false"))
+    rows = logged(tmp_path, "ttt_stats.csv")
+    assert [(r["step"], r["layer"], r["kind"]) for r in rows] == [("0", "3", "ttt_linear"), ("1", "3", "ttt_linear")]
+    assert all(float(r["update_norm"]) > 0 and float(r["eta_mean"]) > 0 for r in rows)
+    assert all((r["gate"] != "") == (mode == "gated_residual") for r in rows)
+    assert {p.name for p in plot_monitor(tmp_path)} == {"training.png", "ttt_stats.png"}
 
 
 def test_finetune_objective_trains_cross_entropy(tmp_path: Path) -> None:
@@ -133,7 +168,7 @@ def test_resume_with_two_gloo_processes_and_fsdp2(tmp_path: Path) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
                "ttt_speech.cli", "finetune", str(CONFIG), f"--run_dir={run_dir}", "--llama.seq_len=32",
                "--batch_size=2", "--max_steps=6", "--export_safetensors=false", "--llama.val_batches=1",
-               "--num_microbatches=2", *extra]
+               "--num_microbatches=2", "--llama.loss_chunk=16", *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
 

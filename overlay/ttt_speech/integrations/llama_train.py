@@ -11,6 +11,7 @@ replaced layers' attention weights are kept twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ttt_speech.integrations.llama_omni import LlamaTTTSelfAttention, apply_ttt, ttt_modules, ttt_parameter_names
+from ttt_speech.nn.stats import fast_weight_stats
 
 OMNI_TYPES = ("omni_speech_llama", "omni_speech2s_llama")
 TEACHER_ATTR = "_ttt_teacher_attention"
@@ -130,6 +132,58 @@ def ttt_bypassed(model: nn.Module) -> Iterator[None]:
             layers[idx].self_attn = attn
         for attn in flagged:
             attn.ttt_bypass = False
+
+
+def install_monitor_hooks(model: nn.Module) -> dict[int, nn.Module]:
+    """Let the trainer's `Monitor` read the TTT layers: while a TTT module's `record_stats` is set, its next forward
+    fills `stats` (fast weights after the sequence against W0, the inner learning rate, the residual gate). Returns
+    the TTT modules by layer index."""
+    modules = ttt_modules(model)
+    for idx, ttt in modules.items():
+        attn = model.model.layers[idx].self_attn
+        ttt.record_stats, ttt.stats = False, None
+        ttt.register_forward_hook(functools.partial(_record_stats, gate=getattr(attn, "ttt_gate", None)))
+    return modules
+
+
+def _record_stats(module: nn.Module, args: tuple, output: tuple, gate: Tensor | None) -> None:
+    if not module.record_stats:
+        return
+    module.record_stats = False
+    with torch.no_grad():
+        x = args[0]
+        if module.config.pre_conv:  # eta reads the layer's input after its pre-conv
+            x = x + module.pre_conv(x)[0]
+        eta, _ = module._eta(x)
+        module.stats = {"kind": f"ttt_{module.config.layer_type}", **fast_weight_stats(output[1].params["W1"],
+                                                                                         module.W1),
+                        "eta_mean": eta.float().mean().item(), "eta_max": eta.float().max().item()}
+        if gate is not None:
+            module.stats["gate"] = torch.tanh(gate.float()).mean().item()
+
+
+class FinalHidden:
+    """`with FinalHidden(model) as final: out = model(...)`: the forward skips `lm_head` (it sees an empty slice, so
+    `out.logits` is [B, 0, V]) and `final.hidden` holds its input [B, T, C], for a loss computed in slices of the
+    sequence (`weight()` is lm_head's full weight, also under FSDP2)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.hidden, self._handle = model, None, None
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> tuple:
+        self.hidden = args[0]
+        return (args[0][:, :0],)
+
+    def __enter__(self) -> FinalHidden:
+        self._handle = self.model.lm_head.register_forward_pre_hook(self._pre_hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+    def weight(self) -> Tensor:
+        w = self.model.lm_head.weight
+        return w.full_tensor() if hasattr(w, "full_tensor") else w  # a sharded DTensor outside FSDP's forward
 
 
 def trainable_names(model: nn.Module, what: str) -> set[str]:

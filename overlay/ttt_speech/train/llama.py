@@ -47,6 +47,39 @@ def next_token_nll(logits: torch.Tensor, batch: torch.Tensor) -> tuple[torch.Ten
     return (nll * keep.flatten()).sum(), keep.sum()
 
 
+def _chunk_terms(h_student: torch.Tensor, h_teacher: torch.Tensor | None, weight: torch.Tensor,
+                 labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[KL summed over the slice's tokens, NLL summed over its labelled tokens, their count]; labels [B, <= t]."""
+    s = F.linear(h_student, weight).float()  # [B, t, V]
+    keep = labels != IGNORE
+    nll = F.cross_entropy(s[:, :labels.shape[1]].flatten(0, 1), torch.where(keep, labels, 0).flatten(),
+                          reduction="none")
+    nll_sum = (nll * keep.flatten()).sum()
+    if h_teacher is None:
+        kl_sum = torch.zeros((), device=s.device)
+    else:
+        t = F.log_softmax(F.linear(h_teacher, weight.detach()).float() / temperature, dim=-1)  # the teacher: no grad
+        kl_sum = (t.exp() * (t - F.log_softmax(s / temperature, dim=-1))).sum()
+    return torch.stack([kl_sum, nll_sum, keep.sum().float()])
+
+
+def chunked_losses(h_student: torch.Tensor, h_teacher: torch.Tensor | None, weight: torch.Tensor, batch: torch.Tensor,
+                   temperature: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`kl_teacher_student` and the next-token CE from the final hidden states [B, T, C] through `weight` [V, C],
+    `chunk` positions at a time; each slice's logits are recomputed in the backward (activation checkpointing)
+    rather than kept, so memory holds one slice's [B, chunk, V] instead of the sequence's."""
+    from torch.utils.checkpoint import checkpoint
+
+    B, T = batch.shape[0], batch.shape[-1]
+    labels = batch[:, 1]
+    sums = torch.zeros(3, device=h_student.device)
+    for a in range(0, T, chunk):
+        b = min(T, a + chunk)
+        sums = sums + checkpoint(_chunk_terms, h_student[:, a:b], None if h_teacher is None else h_teacher[:, a:b],
+                                 weight, labels[:, a + 1:b + 1], temperature, use_reentrant=False)
+    return sums[0] / (B * T) * temperature ** 2, sums[1] / sums[2].clamp_min(1)
+
+
 class LlamaFamily:
     metrics = METRICS
 
@@ -56,7 +89,7 @@ class LlamaFamily:
         train = llama_train.trainable_names(model, cfg.llama.trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(name in train)
-        self.ttt_layers = sorted(ttt_modules(model))
+        self.ttt_layers = sorted(llama_train.install_monitor_hooks(model))
         self.vocab_size = model.config.vocab_size
         self.tokenizer = llama_train.load_tokenizer(cfg.llama.tokenizer) if cfg.llama.tokenizer else None
         self.run_dir = Path(cfg.run_dir)
@@ -88,16 +121,29 @@ class LlamaFamily:
 
     def loss(self, model, batch: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
         ids = batch[:, 0]
-        hidden = cfg.llama.objective == "distill" and cfg.llama.hidden_mse_weight > 0
+        distill = cfg.llama.objective == "distill"
+        hidden = distill and cfg.llama.hidden_mse_weight > 0
         nan = torch.tensor(float("nan"), device=ids.device)
-        student = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-        total, count = next_token_nll(student.logits, batch)
-        ce = total / count.clamp_min(1)
-        if cfg.llama.objective == "finetune":
+        if cfg.llama.loss_chunk:  # lm_head and the losses per slice of the sequence: no [T, V] logits kept
+            with llama_train.FinalHidden(model) as final:
+                student = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            teacher_h = None
+            if distill:
+                with torch.no_grad(), llama_train.ttt_bypassed(model), llama_train.FinalHidden(model) as final_t:
+                    teacher = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                teacher_h = final_t.hidden
+            kl, ce = chunked_losses(final.hidden, teacher_h, final.weight(), batch, cfg.llama.temperature,
+                                    cfg.llama.loss_chunk)
+        else:
+            student = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            total, count = next_token_nll(student.logits, batch)
+            ce = total / count.clamp_min(1)
+            if distill:
+                with torch.no_grad(), llama_train.ttt_bypassed(model):
+                    teacher = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+                kl = kl_teacher_student(teacher.logits, student.logits, cfg.llama.temperature)
+        if not distill:
             return ce, [nan, nan, ce.detach()]
-        with torch.no_grad(), llama_train.ttt_bypassed(model):
-            teacher = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
-        kl = kl_teacher_student(teacher.logits, student.logits, cfg.llama.temperature)
         loss, mse = kl, nan
         if hidden:  # hidden_states[i + 1] is the output of decoder layer i
             mse = torch.stack([F.mse_loss(student.hidden_states[i + 1].float(), teacher.hidden_states[i + 1].float())

@@ -30,6 +30,9 @@ class LlamaTrainConfig:
         val_data: held-out data in the same formats; validation perplexity at each stage's end. None: none.
         tokenizer: SentencePiece `.model` file or a transformers tokenizer folder; needed for instruction JSON.
         val_batches: batches of `val_data` per validation.
+        loss_chunk: compute lm_head and the losses this many positions at a time, recomputing each slice's logits
+            in the backward (0: the whole sequence at once). The full logits are [T, vocab] per sequence for the
+            student and the teacher (float32: 4 GiB each at 8k tokens for Llama-3's 128256 entries).
     """
 
     objective: Literal["distill", "finetune"] = "distill"
@@ -41,6 +44,7 @@ class LlamaTrainConfig:
     val_data: str | None = None
     tokenizer: str | None = None
     val_batches: int = 4
+    loss_chunk: int = 0
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:
@@ -54,6 +58,8 @@ class LlamaTrainConfig:
                               "to 0")
         if not self.train_data:
             raise ConfigError('llama.train_data must name a jsonl / instruction JSON file, or be "synthetic"')
+        if self.loss_chunk < 0:
+            raise ConfigError(f"llama.loss_chunk must be >= 0 positions (0: the whole sequence), got {self.loss_chunk}")
         if self.val_batches < 1:
             raise ConfigError(f"llama.val_batches must be >= 1, got {self.val_batches}")
 

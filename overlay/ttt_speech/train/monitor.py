@@ -100,8 +100,9 @@ def plot_monitor(run_dir: str | Path) -> list[Path]:
     rows = list(csv.DictReader(metrics.open()))
     steps = [int(r["step"]) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key in ("loss", "text_loss", "audio_loss"):
-        axes[0].plot(steps, [float(r[key]) for r in rows], label=key)
+    for key in ("loss", "text_loss", "audio_loss", "kl", "hidden_mse", "ce"):  # Moshi's, then Llama's parts
+        if key in rows[0] and not all(r[key] == "nan" for r in rows):
+            axes[0].plot(steps, [float(r[key]) for r in rows], label=key)
     axes[0].set_title("training loss")
     axes[0].legend()
     axes[1].plot(steps, [float(r["lr"]) for r in rows])
