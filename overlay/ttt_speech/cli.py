@@ -140,6 +140,17 @@ def _main(argv: list[str] | None) -> int:
                      "block), a TTT config file, from_checkpoint (the default) or none (a base model); a checkpoint "
                      "whose ttt_config.json differs is an error naming the keys")
 
+    lle = ev.add_parser("llama", help="a llama training run's student vs its teacher (TTT bypassed): perplexity by "
+                        "position and the recall test (JSON)")
+    lle.add_argument("run_dir")
+    lle.add_argument("--export", help="the student (default RUN_DIR/export; RUN_DIR/best for the best)")
+    lle.add_argument("--tokens", type=int, help="document length (default 4x the last stage's seq_len)")
+    lle.add_argument("--docs", type=int, default=16)
+    lle.add_argument("--bins", type=int, default=4)
+    lle.add_argument("--turns", type=int, nargs="+", default=[0, 2, 6], help="filler turns of the recall test")
+    lle.add_argument("--device", default="cpu")
+    lle.add_argument("--out", help="default RUN_DIR/eval_llama.json")
+
     data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
     lm = data.add_parser("librilight", help="long-form manifest: a speaker's chapters concatenated in order")
     lm.add_argument("root")
@@ -194,6 +205,18 @@ def _main(argv: list[str] | None) -> int:
                        codes_dir=args.codes_dir, mode=args.mode, step=args.step, bins=args.bins,
                        max_frames=args.max_frames, device=args.device, dtype=args.dtype, speakers=args.speakers,
                        window=args.window, reference=args.reference, n_boot=args.n_boot, ttt=args.ttt)
+    elif args.command == "eval" and args.eval_command == "llama":
+        from ttt_speech.eval.llama_eval import evaluate_run
+
+        result = evaluate_run(args.run_dir, export=args.export, tokens=args.tokens, docs=args.docs, bins=args.bins,
+                              turns=args.turns, device=args.device, out=args.out)
+        for row in result["perplexity_by_position"]["bins"]:
+            d = row["student_minus_teacher"]
+            print(f"positions {row['positions'][0]}-{row['positions'][1]}: NLL teacher {row['teacher_nll']:.3f}, "
+                  f"student {row['student_nll']:.3f}, difference {d['mean']:+.3f} (CI {d['ci95']})")
+        for row in result["recall"]:
+            print(f"recall after {row['turns']} turns: answer NLL teacher {row['teacher_answer_nll']:.3f}, student "
+                  f"{row['student_answer_nll']:.3f}")
     elif args.command == "eval" and args.eval_command == "generate":
         from ttt_speech.eval import generate
 

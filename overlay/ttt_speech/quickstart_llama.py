@@ -15,14 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file
-
 from ttt_speech.config import load_config
-from ttt_speech.eval.llama_eval import perplexity_by_position, recall
-from ttt_speech.integrations.llama_train import build_llama
+from ttt_speech.eval.llama_eval import evaluate_run
 from ttt_speech.train.config import TrainConfig
-from ttt_speech.train.llama_data import SyntheticTokens
 from ttt_speech.train.trainer import train
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "llama_tiny.yaml"
@@ -42,13 +37,8 @@ def run(out: str | Path = "runs/quickstart-llama", steps: int = 240, seed: int =
     result = train(cfg)
     kl = [float(r["kl"]) for r in csv.DictReader((out / "run" / "metrics.csv").open())]
 
-    model = build_llama(cfg.model.lm_kwargs, cfg.model.checkpoint, cfg.ttt, seed=cfg.seed,
-                        device=torch.device("cpu"), dtype=torch.float32)
-    model.load_state_dict(load_file(str(Path(result["export"]) / "model.safetensors")))
-    long = 4 * cfg.llama.seq_len  # past the training length
-    docs = next(SyntheticTokens(batch_size=16, seq_len=long, vocab_size=model.config.vocab_size, seed=cfg.seed,
-                                rank=0, stream=2))[:, 0]
     val_file = out / "run" / "val.csv"
+    evaluation = evaluate_run(out / "run", out=out / "eval_llama.json")
     summary: dict[str, Any] = {
         "kl_first_window": sum(kl[:WINDOW]) / len(kl[:WINDOW]),
         "kl_last_window": sum(kl[-WINDOW:]) / len(kl[-WINDOW:]),
@@ -56,8 +46,8 @@ def run(out: str | Path = "runs/quickstart-llama", steps: int = 240, seed: int =
         "steps": result["steps"],
         "resumed_from_step": result["resumed_from_step"],
         "validation": list(csv.DictReader(val_file.open())) if val_file.is_file() else [],
-        "perplexity_by_position": {"tokens": long, "bins": perplexity_by_position(model, docs)},
-        "recall": recall(model, turns=[0, 2, 6], n=16, seed=cfg.seed),
+        "perplexity_by_position": evaluation["perplexity_by_position"],
+        "recall": evaluation["recall"],
         "export": result["export"],
         "seconds": round(time.perf_counter() - t0, 1),
         "device": "cpu",

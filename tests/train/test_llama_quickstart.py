@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ttt_speech.cli import main
 from ttt_speech.quickstart_llama import run
 
 
@@ -28,3 +29,8 @@ def test_quickstart_llama_distils_and_resumes(tmp_path: Path) -> None:
     assert len(summary["perplexity_by_position"]["bins"]) == 4
     assert [r["turns"] for r in summary["recall"]] == [0, 2, 6]
     assert all(r["teacher_answer_nll"] > 0 and r["student_answer_nll"] > 0 for r in summary["recall"])
+    # the same evaluation from the command line, on the best export, shorter documents
+    assert main(["eval", "llama", str(tmp_path / "run"), "--export", str(tmp_path / "run/best"), "--docs", "4",
+                 "--tokens", "64", "--turns", "1", "--out", str(tmp_path / "best.json")]) == 0
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["perplexity_by_position"]["tokens"] == 64 and [r["turns"] for r in best["recall"]] == [1]

@@ -11,7 +11,10 @@ Both run one forward per document (TTT layers scan it; attention sees all of it)
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -92,3 +95,48 @@ def recall(model, turns: list[int], n: int = 16, seed: int = 0, turn_len: int = 
                      "student_answer_nll": float(s.mean()),
                      "student_minus_teacher": _estimate(t_interval(paired_differences(s, t)))})
     return rows
+
+
+def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, tokens: int | None = None,
+                 docs: int = 16, bins: int = 4, turns: Sequence[int] = (0, 2, 6), device: str = "cpu",
+                 out: str | Path | None = None) -> dict[str, Any]:
+    """Teacher vs student of a llama training run: perplexity by position on `docs` windows of `tokens` (default 4x
+    the last stage's length) of the run's `llama.val_data` (else its `train_data`), and the recall test. The student
+    is `export` (default `run_dir/export`); the teacher is the same model with TTT bypassed, its replaced attention
+    rebuilt from the run's base (`model.checkpoint`, or the random init of its seed). Writes `out` (default
+    `run_dir/eval_llama.json`)."""
+    from safetensors.torch import load_file
+
+    from ttt_speech.config import load_config
+    from ttt_speech.integrations.llama_train import build_llama
+    from ttt_speech.train.config import TrainConfig
+    from ttt_speech.train.llama_config import stage_seq_len
+    from ttt_speech.train.llama_data import build_llama_loader
+
+    run_dir = Path(run_dir)
+    cfg = load_config(TrainConfig, run_dir / "config.yaml")
+    if cfg.model.family != "llama":
+        raise ValueError(f"{run_dir}: model.family is {cfg.model.family}, not llama")
+    export = Path(export) if export is not None else run_dir / "export"
+    weights = export / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: no export (the run has not finished, or pass export=)")
+    model = build_llama(cfg.model.lm_kwargs, cfg.model.checkpoint, cfg.ttt, seed=cfg.seed,
+                        device=torch.device(device), dtype=torch.float32)
+    model.load_state_dict(load_file(str(weights), device=device))  # every key: a misfit export raises
+    tokens = tokens or 4 * stage_seq_len(cfg.stage_list()[-1], cfg)
+    source = cfg.llama.val_data or cfg.llama.train_data
+    tokenizer = None
+    if cfg.llama.tokenizer:
+        from ttt_speech.integrations.llama_train import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.llama.tokenizer)
+    loader = build_llama_loader(source, seq_len=tokens, batch_size=docs, vocab_size=model.config.vocab_size,
+                                seed=cfg.seed, rank=0, world_size=1, tokenizer=tokenizer, shuffle=False, stream=2)
+    ids = next(loader)[:, 0].to(device)
+    result = {"run_dir": str(run_dir), "export": str(export), "data": source, "device": device,
+              "perplexity_by_position": {"tokens": tokens, "bins": perplexity_by_position(model, ids, bins)},
+              "recall": recall(model, turns=list(turns), n=docs, seed=cfg.seed)}
+    out = Path(out) if out is not None else run_dir / "eval_llama.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
