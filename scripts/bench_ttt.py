@@ -142,19 +142,25 @@ def build_pair(ref, inner, H, D, b, seed):
     return theirs, ours
 
 
-def reference_call(theirs, ours, x, backward):
-    """``call(which)`` runs one layer once (forward, or forward + backward of ``mean(y^2)``) and returns seconds."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def reference_call(theirs, ours, x, backward, clock="wall"):
+    """``call(which)`` runs one layer once (forward, or forward + backward of ``mean(y^2)``) and returns seconds of
+    ``clock``: ``wall``, or ``cpu`` (this process's CPU time: on a shared machine it does not count the time other
+    processes hold the cores; with more than one thread it also counts threads spinning at a barrier)."""
     B, T, _ = x.shape
     pos = torch.arange(T).expand(B, T)
+    now = CLOCKS[clock]
 
     def call(which):
         xi = x.detach().requires_grad_(backward)
-        start = time.perf_counter()
+        start = now()
         with torch.set_grad_enabled(backward):
             y = theirs(xi, position_ids=pos) if which == "theirs" else ours(xi)[0]
             if backward:
                 y.square().mean().backward()
-        return time.perf_counter() - start
+        return now() - start
 
     return call
 
@@ -168,7 +174,8 @@ def compare_reference(a):
     load = os.getloadavg()
     print(
         f"ours vs ttt-lm-pytorch ({a.reference}): B={B} T={T} H={H}, fp32, {torch.get_num_threads()} threads, "
-        f"{a.warmup} warm-up + {a.reps} interleaved repeats; load average {load[0]:.1f} on {os.cpu_count()} CPUs"
+        f"{a.clock} clock, {a.warmup} warm-up + {a.reps} interleaved repeats; load average {load[0]:.1f} on "
+        f"{os.cpu_count()} CPUs"
     )
     header = (
         f"{'inner':6} {'D':>4} {'b':>3} {'pass':8} {'theirs ms':>10} {'ours ms':>9} {'ratio':>7} {'paired':>7} "
@@ -183,7 +190,7 @@ def compare_reference(a):
         with torch.no_grad():
             diff = (theirs(x, position_ids=torch.arange(T).expand(B, T)) - ours(x)[0]).abs().max().item()
         for backward in (False, True):
-            call = reference_call(theirs, ours, x, backward)
+            call = reference_call(theirs, ours, x, backward, a.clock)
             for _ in range(a.warmup):
                 call("theirs"), call("ours")
             t_theirs, t_ours = [], []
@@ -198,7 +205,8 @@ def compare_reference(a):
                 "inner": inner, "head_dim": D, "mini_batch": b, "heads": H, "seq_len": T, "batch": B,
                 "pass": "fwd+bwd" if backward else "fwd", "theirs_s": t_theirs, "ours_s": t_ours,
                 "theirs_median_s": m_theirs, "ours_median_s": m_ours, "ratio": m_theirs / m_ours,
-                "paired_ratio_median": paired, "max_abs_output_diff": diff,
+                "paired_ratio_median": paired, "max_abs_output_diff": diff, "clock": a.clock,
+                "loadavg_1min": os.getloadavg()[0],
             }  # fmt: skip
             rows.append(row)
             print(
@@ -233,6 +241,8 @@ def main(argv=None):
     p.add_argument("--reference", default=None, metavar="PATH", help="ttt-lm-pytorch's ttt.py: compare layers")
     p.add_argument("--shapes", nargs="+", default=None, metavar="INNER:D:b", help="--reference shapes (linear:64:16)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="--reference timer: wall, or cpu (process CPU time; steadier on a shared machine)")
     p.add_argument("--out", default=None, help="JSON (default bench/ttt_ops.json, or bench/ttt_vs_reference.json)")
     a = p.parse_args(argv)
     if a.threads:

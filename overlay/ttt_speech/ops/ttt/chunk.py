@@ -141,6 +141,9 @@ def _mean(x: Tensor) -> Tensor:
 
 def _normalize(z: Tensor) -> tuple[Tensor, Tensor]:
     """``(xhat, rstd)`` of a LayerNorm without affine over the last dim."""
+    if torch.get_num_threads() == 1:  # one fused kernel; with more threads it would open a parallel region
+        x, _, rstd = _ln(z, (z.shape[-1],), None, None, LN_EPS)
+        return x, rstd
     zc = z - _mean(z)
     rstd = (_mean(zc * zc) + LN_EPS).rsqrt_()
     return zc.mul_(rstd), rstd
@@ -152,43 +155,53 @@ def _normalize(z: Tensor) -> tuple[Tensor, Tensor]:
 _SERIAL_NUMEL = 32768
 
 
-def _row_blocks(x: Tensor) -> list[slice]:
-    """Slices of dim 0 of ``x`` holding fewer than ``_SERIAL_NUMEL`` elements each (at least one row)."""
-    per = max(1, (_SERIAL_NUMEL - 1) // max(1, x[0].numel()))
-    return [slice(i, i + per) for i in range(0, x.shape[0], per)]
+def _row_blocks(*ts: Tensor):
+    """``ts`` (same dim 0) in row blocks of fewer than ``_SERIAL_NUMEL`` elements each (at least one row); in one
+    block when torch runs on one thread."""
+    if torch.get_num_threads() == 1:
+        yield ts
+        return
+    per = max(1, (_SERIAL_NUMEL - 1) // max(1, ts[0][0].numel()))
+    for i in range(0, ts[0].shape[0], per):
+        yield tuple(t[i : i + per] for t in ts)
+
+
+def _sum(x: Tensor) -> Tensor:
+    return x.sum(dim=-1, keepdim=True)
 
 
 def _ln_l2_grad(z: Tensor, c: Tensor, gamma2: Tensor, out: Tensor) -> Tensor:
     """:func:`.loss.ln_fused_l2_grad` of one mini-batch ([BH, b, D]) into ``out``, with the target folded into
     ``c = gamma * (beta - target)`` and ``gamma2 = gamma ** 2`` ([BH, 1, D]).
 
-    Small elementwise ops in row blocks on purpose (see ``_SERIAL_NUMEL``); a fused LayerNorm kernel would open a
-    parallel region per mini-batch.
+    Small elementwise ops in row blocks on purpose (see ``_SERIAL_NUMEL``); with more than one thread a fused
+    LayerNorm kernel would open a parallel region per mini-batch.
     """
-    for r in _row_blocks(z):
-        x, rstd = _normalize(z[r])
-        gx = torch.addcmul(c[r], gamma2[r], x)  # gamma * (LN(z) - target)
-        gx -= _mean(gx)
-        torch.addcmul(gx, x, _mean(gx * x), value=-1.0, out=out[r]).mul_(rstd)
+    inv_d = 1.0 / z.shape[-1]
+    for z_r, c_r, gamma2_r, out_r in _row_blocks(z, c, gamma2, out):
+        x, rstd = _normalize(z_r)
+        gx = torch.addcmul(c_r, gamma2_r, x)  # gamma * (LN(z) - target)
+        s = _sum(gx * x)
+        torch.addcmul(gx.sub_(_sum(gx), alpha=inv_d), x, s, value=-inv_d, out=out_r).mul_(rstd)
     return out
 
 
 def _ln_l2_grad_vjp(dg, g, z, c, gamma2, dz, dc, dgamma2) -> None:
     """Pull ``dg`` back through ``g = _ln_l2_grad(z, c, gamma2)``: writes ``dz`` and ``dc`` and adds
     ``d gamma2 = sum_b(dc * xhat)`` to ``dgamma2`` [BH, 1, D]."""
-    for r in _row_blocks(z):
-        x, rstd = _normalize(z[r])
-        gx = torch.addcmul(c[r], gamma2[r], x)
-        dg_r = dg[r]
-        s = _mean(dg_r * x)
-        dgx = torch.addcmul(dg_r - _mean(dg_r), x, s, value=-1.0, out=dc[r]).mul_(rstd)
-        dgamma2[r] += (dgx * x).sum(dim=1, keepdim=True)
-        dx = gamma2[r] * dgx
-        dx.addcmul_(dg_r, rstd * _mean(gx * x), value=-1.0)
-        dx.addcmul_(gx, rstd * s, value=-1.0)
-        t = _mean(dx * x) + _mean(dg_r * g[r])  # the second term: through the gradient's own 1/std factor
-        dx -= _mean(dx)
-        torch.addcmul(dx, x, t, value=-1.0, out=dz[r]).mul_(rstd)
+    inv_d = 1.0 / z.shape[-1]
+    for dg_r, g_r, z_r, c_r, gamma2_r, dz_r, dc_r, dgamma2_r in _row_blocks(dg, g, z, c, gamma2, dz, dc, dgamma2):
+        x, rstd = _normalize(z_r)
+        gx = torch.addcmul(c_r, gamma2_r, x)
+        s = _sum(dg_r * x)
+        dgx = torch.addcmul(dg_r.sub(_sum(dg_r), alpha=inv_d), x, s, value=-inv_d, out=dc_r).mul_(rstd)
+        dgamma2_r += (dgx * x).sum(dim=1, keepdim=True)
+        dx = gamma2_r * dgx
+        dx.addcmul_(dg_r, rstd * _sum(gx * x), value=-inv_d)
+        dx.addcmul_(gx, rstd * s, value=-inv_d)
+        t = _sum(dx * x) + _sum(dg_r * g_r)  # the second term: through the gradient's own 1/std factor
+        dx.sub_(_sum(dx), alpha=inv_d)
+        torch.addcmul(dx, x, t, value=-inv_d, out=dz_r).mul_(rstd)
 
 
 def _gelu(x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -274,6 +287,15 @@ class _Layout:
         """Mini-batch ``n`` of ``x`` [B, L, H, ...] as a [B, H, b, ...] view."""
         return x[:, n * self.b : (n + 1) * self.b].transpose(1, 2)
 
+    def output(self, yhat: Tensor, out: Tensor) -> Tensor:
+        """``xq + gamma * yhat + beta`` of the normalised ``yhat`` [N, BH, b, D] (overwritten) into ``out``
+        [B, L, H, D]: two passes, the second writing ``out`` in its own layout."""
+        N, BH, b, D = yhat.shape
+        y = torch.addcmul(self.beta, yhat, self.gamma, out=yhat).unflatten(1, (self.B, self.H))
+        o = out.view(self.B, N, b, self.H, D).permute(1, 0, 3, 2, 4)
+        torch.add(y, self.xq[..., :D].unflatten(1, (self.B, self.H)), out=o)
+        return out
+
     def scatter(self, x: Tensor, out: Tensor | None = None) -> Tensor:
         """[N, BH, b, ...] -> [B, L, H, ...] (into ``out`` if given)."""
         if out is None:
@@ -313,13 +335,16 @@ class _ChunkLinear(torch.autograd.Function):
         zz = q.new_empty(N, BH, 2 * b, D)  # [keys; queries] @ anchor
         G = q.new_empty(N, BH, b, D)  # LN-fused gradients at the anchor
         snaps = {}
+        # views per mini-batch made once (indexing in the loop costs about as much as its small kernels)
+        kq_l, c_l, upd_l = lay.kq.unbind(0), lay.c.unbind(0), lay.upd.mT.unbind(0)
+        zz_l, zk_l, G_l, ws_l = zz.unbind(0), zz[:, :, :b].unbind(0), G.unbind(0), ws.unbind(0)
         for n in range(N):
-            w_n, w_next = (ws[n], ws[n + 1]) if save else (ws[0], ws[0])
+            w_n, w_next = (ws_l[n], ws_l[n + 1]) if save else (ws_l[0], ws_l[0])
             if n in masks:
                 snaps[n] = w_n if save else w_n.clone()
-            torch.bmm(lay.kq[n], w_n, out=zz[n])
-            _ln_l2_grad(zz[n, :, :b], lay.c[n], lay.gamma2, out=G[n])
-            torch.baddbmm(w_n, lay.upd[n].mT, G[n], alpha=-1.0, out=w_next)
+            torch.bmm(kq_l[n], w_n, out=zz_l[n])
+            _ln_l2_grad(zk_l[n], c_l[n], lay.gamma2, out=G_l[n])
+            torch.baddbmm(w_n, upd_l[n], G_l[n], alpha=-1.0, out=w_next)
             if n == 0 and acc is not None:
                 w_next.addcmul_(acc, tok[-1], value=-1.0)
         snaps[N] = ws[N if save else 0]
@@ -330,7 +355,7 @@ class _ChunkLinear(torch.autograd.Function):
         if acc is not None:
             zq[0] -= tok[:, None] * (lay.xq[0] @ acc)
         yhat, mu_q, rstd_q = _ln(zq, (D,), None, None, LN_EPS)
-        o = lay.scatter(yhat.mul_(gamma).add_(beta).add_(lay.xq[..., :D]), torch.empty_like(q))
+        o = lay.output(yhat, torch.empty_like(q))
 
         w_out = sum(_masked(snaps[n], m) for n, m in masks.items())
         pending = {n: torch.zeros_like(w) if n == N else _pending(lay, n, G[n]) for n in masks}
@@ -472,8 +497,8 @@ class _ChunkMLP(torch.autograd.Function):
                 z2q.baddbmm_(torch.addcmul(lay.E[n], lay.E[n], x2q @ x2_n.mT), g2, alpha=-1.0)  # E (x2q x2^T + 1)
                 if n == 0 and acc is not None:
                     z2q -= tok[:, None] * torch.baddbmm(a3, x2q, a2)
-                for r in _row_blocks(z2q):
-                    z2q[r] = _normalize(z2q[r])[0]
+                for (z2q_r,) in _row_blocks(z2q):
+                    z2q_r.copy_(_normalize(z2q_r)[0])
                 y = z2q.mul_(gamma).add_(beta).add_(lay.xq[n, ..., :D])
                 lay.view(o, n).copy_(y.view(lay.B, lay.H, b, D))
             g2e = g2 * lay.el[n]
@@ -504,7 +529,7 @@ class _ChunkMLP(torch.autograd.Function):
         if acc is not None:
             z2q[0] -= tok[:, None] * torch.baddbmm(a3, x2q[0], a2)
         yhat, mu_q, rstd_q = _ln(z2q, (D,), None, None, LN_EPS)
-        o = lay.scatter(yhat.mul_(gamma).add_(beta).add_(lay.xq[..., :D]), torch.empty_like(q))
+        o = lay.output(yhat, torch.empty_like(q))
         ctx.save_for_backward(
             q, k, v, e, tok, gamma, beta, a1, a2, a3, w1s, w2s, b2s, zz1, x2, G1, G2, z1q, x2q, z2q, mu_q, rstd_q
         )
