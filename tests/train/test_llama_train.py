@@ -133,6 +133,17 @@ def test_the_loss_in_slices_equals_the_whole_sequence_loss(tmp_path: Path, objec
     assert g0["model.layers.3.self_attn.ttt.W1"].abs().sum() > 0
 
 
+def test_a_resume_may_change_llama_loss_keys_on_request_only(tmp_path: Path) -> None:
+    train(tiny(tmp_path, "--max_steps=2", "--stop_after=1", "--export_safetensors=false"))
+    with pytest.raises(ConfigError, match="add --allow-config-change llama.loss_chunk"):
+        train(tiny(tmp_path, "--max_steps=2", "--llama.loss_chunk=16", "--export_safetensors=false"))
+    with pytest.raises(ConfigError, match="ttt.mode cannot change within a run"):
+        train(tiny(tmp_path, "--max_steps=2", "--ttt.mode=gated_residual", "--export_safetensors=false"))
+    result = train(tiny(tmp_path, "--max_steps=2", "--llama.loss_chunk=16", "--llama.val_batches=1",
+                        "--allow_config_change=[llama.loss_chunk]", "--export_safetensors=false"))
+    assert result["resumed_from_step"] == 1
+
+
 def test_export_loads_with_its_ttt_weights(tmp_path: Path) -> None:
     cfg = tiny(tmp_path / "run", "--max_steps=3")
     result = train(cfg)
