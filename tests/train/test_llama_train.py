@@ -241,6 +241,25 @@ def test_data_files_and_their_errors(tmp_path: Path) -> None:
         read_tokens(str(conv), 32, chars)
 
 
+def test_finetune_on_instruction_json_with_a_sentencepiece_tokenizer(tmp_path: Path) -> None:
+    import sentencepiece
+
+    lines = [f"the {w} said {v} times to the {u}" for w in ("cat", "dog", "bird") for v in ("two", "nine")
+             for u in ("moon", "sea", "hill")]
+    (tmp_path / "text.txt").write_text("\n".join(lines) + "\n")
+    sentencepiece.SentencePieceTrainer.train(input=str(tmp_path / "text.txt"), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=15, model_type="word", minloglevel=2)
+    samples = [{"id": f"s{i}", "conversations": [{"from": "human", "value": lines[i]},
+                                                 {"from": "gpt", "value": lines[-1 - i]}]} for i in range(len(lines))]
+    (tmp_path / "train.json").write_text(json.dumps(samples * 4))
+    result = train(tiny(tmp_path / "run", "--llama.objective=finetune", "--llama.trainable=all",
+                        f"--llama.train_data={tmp_path / 'train.json'}", f"--llama.val_data={tmp_path / 'train.json'}",
+                        f"--llama.tokenizer={tmp_path / 'sp.model'}", "--llama.seq_len=16", "--max_steps=4",
+                        "--llama.val_batches=1", "--export_safetensors=false"))
+    assert result["status"] == "done" and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert [r["step"] for r in logged(tmp_path / "run", "val.csv")] == ["4"]
+
+
 def test_loaders_resume_exactly() -> None:
     for make in (lambda: SyntheticTokens(batch_size=2, seq_len=8, vocab_size=32, seed=1, rank=0),
                  lambda: TokenWindows(torch.arange(400) % 31, torch.arange(400) % 31, batch_size=2, seq_len=8, seed=1,
