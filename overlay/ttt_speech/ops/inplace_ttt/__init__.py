@@ -3,7 +3,8 @@
 `chunk_inplace_ttt` is the parallel prefix-sum form used in training and prefill; `naive_chunk_inplace_ttt` is the
 sequential chunk-by-chunk reference beside it. `chunk_conv1d` builds the per-chunk convolution of the target.
 `advance_fast_weight` is one chunk's step (streaming). `chunk_update_spectrum` measures how many directions a
-chunk update spans. Every op runs in float32 outside autocast.
+chunk update spans. Every op runs in float32 outside autocast, except `split_inplace_ttt` (the form for a bf16 model:
+the base product exactly as the model computes it, plus the TTT term from float32 deltas).
 """
 
 from ttt_speech.ops.inplace_ttt.chunk import (
@@ -14,10 +15,11 @@ from ttt_speech.ops.inplace_ttt.chunk import (
     chunk_inplace_ttt,
     clip_update,
     fp32_no_autocast,
+    split_inplace_ttt,
 )
 from ttt_speech.ops.inplace_ttt.naive import naive_chunk_conv1d, naive_chunk_inplace_ttt
 from ttt_speech.ops.inplace_ttt.spectrum import chunk_update_spectrum, naive_chunk_update_spectrum, spectrum_summary
 
 __all__ = ["advance_fast_weight", "bound_delta", "check_bounds", "chunk_conv1d", "chunk_inplace_ttt",
            "chunk_update_spectrum", "clip_update", "fp32_no_autocast", "naive_chunk_conv1d",
-           "naive_chunk_inplace_ttt", "naive_chunk_update_spectrum", "spectrum_summary"]
+           "naive_chunk_inplace_ttt", "naive_chunk_update_spectrum", "spectrum_summary", "split_inplace_ttt"]

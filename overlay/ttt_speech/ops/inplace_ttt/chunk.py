@@ -143,6 +143,14 @@ def chunk_inplace_ttt(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: fl
 
 
 def _chunk_inplace_ttt(z, v, w_start, w_ref, lr, chunk_size, clip_tau, decay, max_delta):
+    zc, w, T, n, n_full = _chunk_weights(z, v, w_start, w_ref, lr, chunk_size, clip_tau, decay, max_delta)
+    B, D = z.shape[0], w.shape[-2]
+    out = torch.einsum("bnch,bndh->bncd", zc, w[:, :n])
+    return out.reshape(B, n * chunk_size, D)[:, :T], w[:, n_full]
+
+
+def _chunk_weights(z, v, w_start, w_ref, lr, chunk_size, clip_tau, decay, max_delta):
+    """The float32 fast weight of every chunk: ``(zc [B, n, C, H], w [B, n_full + 1, D, H], T, n, n_full)``."""
     if z.dim() != 3:
         raise ValueError(f"z must be [B, T, H], got {list(z.shape)}")
     check_bounds(decay, max_delta)
@@ -180,5 +188,33 @@ def _chunk_inplace_ttt(z, v, w_start, w_ref, lr, chunk_size, clip_tau, decay, ma
             w = w_ref[:, None] + deltas  # [B, n_full + 1, D, H]
     else:
         w = w_start[:, None]
-    out = torch.einsum("bnch,bndh->bncd", zc, w[:, :n])
-    return out.reshape(B, n * chunk_size, D)[:, :T], w[:, n_full]
+    return zc, w, T, n, n_full
+
+
+def split_inplace_ttt(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, w_base: torch.Tensor, lr: float,
+                      chunk_size: int, clip_tau: float | None = None, decay: float | None = None,
+                      max_delta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chunk_inplace_ttt` for a low-precision model, as two terms that keep their own precision.
+
+    ``O_i = Z_i W_base^T + Z_i (W^(i) - W_base)^T``: the base term is ``F.linear(z, w_base)`` under the caller's
+    dtype and autocast, i.e. bit-identical to the base model's down projection; the TTT term takes the deltas
+    ``W^(i) - W_base`` in float32 (prefix sums, bounds, outside autocast), casts them to the base term's dtype
+    and adds its product there. The update is then rounded relative to its own size, not to ``|W_base|``.
+
+    Args:
+        z, v, lr, chunk_size, clip_tau, decay, max_delta: as :func:`chunk_inplace_ttt`.
+        w0: the fast weight at the start of the first chunk, [B, D, H] or [D, H] (float32 when streaming).
+        w_base: the module's own weight ``W^(0)``, [D, H], in the model's dtype (also what decay and max_delta
+            act around).
+    Returns:
+        ``(O [B, T, D]`` in the base product's dtype, the float32 fast weight after the last complete chunk).
+    """
+    if z.dim() != 3 or w_base.dim() != 2:
+        raise ValueError(f"z must be [B, T, H] and w_base [D, H], got {list(z.shape)} and {list(w_base.shape)}")
+    base = F.linear(z, w_base)  # [B, T, D]; the base model's product, its dtype and autocast
+    with torch.autocast(z.device.type, enabled=False):
+        zc, w, T, n, n_full = _chunk_weights(z, v, w0, w_base, lr, chunk_size, clip_tau, decay, max_delta)
+        delta = (w[:, :n] - w_base.float()).to(base.dtype)  # [B, n, D, H]: float32 deltas, cast once
+        ttt = torch.einsum("bnch,bndh->bncd", zc.to(base.dtype), delta)
+        out = base + ttt.reshape(base.shape[0], n * chunk_size, -1)[:, :T]
+    return out, w[:, n_full]
