@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,12 @@ def test_resume_gives_the_same_losses_stages_microbatches_and_validation(tmp_pat
     best = json.loads((tmp_path / "straight/best/best.json").read_text())
     val = {int(r["step"]): float(r["ppl_student"]) for r in logged(tmp_path / "straight", "val.csv")}
     assert best["step"] == min(val, key=val.get)
+    # a fresh run in a folder without checkpoints starts its validation log and best afresh
+    for ckpt in (tmp_path / "straight/checkpoints").iterdir():
+        shutil.rmtree(ckpt)
+    train(tiny(tmp_path / "straight", *extra[:-1], "--max_steps=2"))
+    assert [r["step"] for r in logged(tmp_path / "straight", "val.csv")] == ["2"]
+    assert json.loads((tmp_path / "straight/best/best.json").read_text())["step"] == 2
 
 
 @pytest.mark.parametrize("objective", ["distill", "finetune"])
@@ -147,6 +154,8 @@ def test_a_resume_may_change_llama_loss_keys_on_request_only(tmp_path: Path) -> 
 def test_export_loads_with_its_ttt_weights(tmp_path: Path) -> None:
     cfg = tiny(tmp_path / "run", "--max_steps=3")
     result = train(cfg)
+    with pytest.raises(ValueError, match="has use_ttt .a TTT export.; training starts from the base model"):
+        build_llama("tiny", result["export"], cfg.ttt, seed=0, device=torch.device("cpu"), dtype=torch.float32)
     model, report = from_pretrained_ttt(LlamaTTTForCausalLM, result["export"])
     assert report.initialised == [] and sorted(ttt_modules(model)) == [3]
     ids = torch.randint(1, TINY["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(1))

@@ -82,7 +82,14 @@ def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: dict[str, Any] | No
     from a pretrained Llama / LLaMA-Omni, the TTT layers from their init.
     """
     if checkpoint:
-        raw = json.loads((Path(checkpoint) / "config.json").read_text())
+        config_file = Path(checkpoint) / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"model.checkpoint {checkpoint}: no config.json (expected a transformers folder)")
+        raw = json.loads(config_file.read_text())
+        if raw.get("use_ttt"):
+            raise ValueError(f"model.checkpoint {checkpoint}: its config.json has use_ttt (a TTT export); training "
+                             "starts from the base model, whose attention is the teacher: name the base checkpoint "
+                             "(a later curriculum stage is a stage of the same run, or a resume of its run_dir)")
         config_cls, model_cls = model_classes(raw.get("model_type"))
         config = config_cls.from_pretrained(checkpoint)
         config.use_ttt = False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from ttt_speech.integrations import llama_train
 from ttt_speech.integrations.llama_omni import ttt_modules, ttt_parameter_names
-from ttt_speech.train.checkpoint import CheckpointError, nonfinite_parameters
+from ttt_speech.train.checkpoint import CheckpointError, list_checkpoints, nonfinite_parameters
 from ttt_speech.train.config import TrainConfig
 from ttt_speech.train.llama_config import stage_seq_len
 from ttt_speech.train.llama_data import IGNORE, build_llama_loader
@@ -93,6 +94,10 @@ class LlamaFamily:
         self.vocab_size = model.config.vocab_size
         self.tokenizer = llama_train.load_tokenizer(cfg.llama.tokenizer) if cfg.llama.tokenizer else None
         self.run_dir = Path(cfg.run_dir)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if not list_checkpoints(self.run_dir) and rank == 0:  # a fresh run: no stale validation or best
+            (self.run_dir / "val.csv").unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / BEST, ignore_errors=True)
         if cfg.gradient_checkpointing:
             llama_train.enable_gradient_checkpointing(model)
         if cfg.parallel == "fsdp2" and world > 1:
