@@ -267,6 +267,12 @@ def test_finetune_on_instruction_json_with_a_sentencepiece_tokenizer(tmp_path: P
                         "--llama.val_batches=1", "--export_safetensors=false"))
     assert result["status"] == "done" and all(torch.isfinite(torch.tensor(result["losses"])))
     assert [r["step"] for r in logged(tmp_path / "run", "val.csv")] == ["4"]
+    (tmp_path / "small.json").write_text(json.dumps(samples[:1]))
+    with pytest.raises(ConfigError, match=r"small.json: 18 tokens make 1 window\(s\) of 16, fewer than one batch"):
+        train(tiny(tmp_path / "run2", "--llama.objective=finetune", "--llama.trainable=all",
+                   f"--llama.train_data={tmp_path / 'train.json'}", f"--llama.val_data={tmp_path / 'small.json'}",
+                   f"--llama.tokenizer={tmp_path / 'sp.model'}", "--llama.seq_len=16", "--max_steps=4"))
+    assert not (tmp_path / "run2/metrics.csv").exists()  # refused before the first step
 
 
 def test_loaders_resume_exactly() -> None:

@@ -94,6 +94,11 @@ class LlamaFamily:
         self.vocab_size = model.config.vocab_size
         self.tokenizer = llama_train.load_tokenizer(cfg.llama.tokenizer) if cfg.llama.tokenizer else None
         self.run_dir = Path(cfg.run_dir)
+        if cfg.llama.val_data:  # read and check now, not after the first stage
+            longest = max(stage_seq_len(s, cfg) for s in cfg.stage_list())
+            build_llama_loader(cfg.llama.val_data, seq_len=longest, batch_size=cfg.batch_size,
+                               vocab_size=self.vocab_size, seed=cfg.seed, rank=0, world_size=world,
+                               tokenizer=self.tokenizer, shuffle=False, stream=1)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if not list_checkpoints(self.run_dir) and rank == 0:  # a fresh run: no stale validation or best
             (self.run_dir / "val.csv").unlink(missing_ok=True)

@@ -127,7 +127,7 @@ class TokenWindows:
                  rank: int, world_size: int, shuffle: bool, where: str) -> None:
         self.windows = ids.numel() // seq_len
         if self.windows < batch_size * world_size:
-            raise ConfigError(f"{where}: {ids.numel()} tokens make {self.windows} windows of {seq_len}, fewer than "
+            raise ConfigError(f"{where}: {ids.numel()} tokens make {self.windows} window(s) of {seq_len}, fewer than "
                               f"one batch ({batch_size} x {world_size} processes)")
         n = self.windows * seq_len
         self.ids, self.labels = ids[:n].view(-1, seq_len), labels[:n].view(-1, seq_len)
