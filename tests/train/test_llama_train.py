@@ -106,6 +106,9 @@ def test_resume_gives_the_same_losses_stages_microbatches_and_validation(tmp_pat
     assert logged(tmp_path / "resumed") == logged(tmp_path / "straight")
     assert logged(tmp_path / "resumed", "val.csv") == logged(tmp_path / "straight", "val.csv")
     assert [r["step"] for r in logged(tmp_path / "straight", "val.csv")] == ["4", "8"]
+    assert sorted(p.name for p in (tmp_path / "straight").glob("stage_*")) == ["stage_0"]  # stage 1's is export/
+    staged, _ = from_pretrained_ttt(LlamaTTTForCausalLM, tmp_path / "straight/stage_0")
+    assert sorted(ttt_modules(staged)) == [3]
     best = json.loads((tmp_path / "straight/best/best.json").read_text())
     val = {int(r["step"]): float(r["ppl_student"]) for r in logged(tmp_path / "straight", "val.csv")}
     assert best["step"] == min(val, key=val.get)
@@ -149,6 +152,21 @@ def test_a_resume_may_change_llama_loss_keys_on_request_only(tmp_path: Path) -> 
     result = train(tiny(tmp_path, "--max_steps=2", "--llama.loss_chunk=16", "--llama.val_batches=1",
                         "--allow_config_change=[llama.loss_chunk]", "--export_safetensors=false"))
     assert result["resumed_from_step"] == 1
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path: Path) -> None:
+    results = []
+    for on in ("false", "true"):
+        cfg = tiny(tmp_path, f"--gradient_checkpointing={on}")
+        torch.manual_seed(0)
+        family = LlamaFamily()
+        model, _ = family.build(cfg, torch.device("cpu"), 1)
+        loss, _ = family.loss(model, next(family.loader(cfg, cfg.stage_list()[0], 0, 1, torch.device("cpu"))), cfg)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert model.is_gradient_checkpointing
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(g, results[1][1][n]) for n, g in results[0][1].items()) and results[0][1]
 
 
 def test_export_loads_with_its_ttt_weights(tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ class LlamaFamily:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if not list_checkpoints(self.run_dir) and rank == 0:  # a fresh run: no stale validation or best
             (self.run_dir / "val.csv").unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / BEST, ignore_errors=True)
+            for stale in (self.run_dir / BEST, *self.run_dir.glob("stage_*")):
+                shutil.rmtree(stale, ignore_errors=True)
         if cfg.gradient_checkpointing:
             llama_train.enable_gradient_checkpointing(model)
         if cfg.parallel == "fsdp2" and world > 1:
@@ -195,8 +196,11 @@ class LlamaFamily:
 
     def validate(self, model, cfg: TrainConfig, step: int, stage: int, rank: int, world: int,
                  device: torch.device) -> dict[str, float] | None:
-        """At a stage's end: validation perplexity into `val.csv`; a new lowest student perplexity is exported to
-        `run_dir/best` (with `best.json`)."""
+        """At a stage's end: the student exported to `run_dir/stage_<i>` (`llama.export_stages`, not after the last
+        stage: that is `export`), validation perplexity into `val.csv`, and a new lowest student perplexity exported
+        to `run_dir/best` (with `best.json`)."""
+        if cfg.llama.export_stages and step < cfg.total_steps:
+            self.export(model, cfg, self.run_dir / f"stage_{stage}", rank)
         if cfg.llama.val_data is None:
             return None
         seq_len = stage_seq_len(cfg.stage_list()[stage], cfg)

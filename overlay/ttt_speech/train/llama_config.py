@@ -30,6 +30,8 @@ class LlamaTrainConfig:
         val_data: held-out data in the same formats; validation perplexity at each stage's end. None: none.
         tokenizer: SentencePiece `.model` file or a transformers tokenizer folder; needed for instruction JSON.
         val_batches: batches of `val_data` per validation.
+        export_stages: export the student at the end of every curriculum stage but the last to
+            `run_dir/stage_<i>` (the last stage's is `run_dir/export`).
         loss_chunk: compute lm_head and the losses this many positions at a time, recomputing each slice's logits
             in the backward (0: the whole sequence at once). The full logits are [T, vocab] per sequence for the
             student and the teacher (float32: 4 GiB each at 8k tokens for Llama-3's 128256 entries).
@@ -45,6 +47,7 @@ class LlamaTrainConfig:
     tokenizer: str | None = None
     val_batches: int = 4
     loss_chunk: int = 0
+    export_stages: bool = True
 
     def __post_init__(self) -> None:
         if self.seq_len < 2:

@@ -24,7 +24,8 @@ from ttt_speech.errors import ConfigError
 
 FREE = ("run_dir", "stop_after", "log_freq", "monitor_freq", "ckpt_freq", "keep_checkpoints", "export_safetensors",
         "max_nonfinite_steps", "allow_config_change", "do_eval", "eval_freq", "eval_batches", "data.eval_data",
-        "do_ckpt", "save_adapters", "wandb", "overwrite_run_dir", "llama.val_batches")
+        "do_ckpt", "save_adapters", "wandb", "overwrite_run_dir", "llama.val_batches",
+        "llama.export_stages")
 ALLOWABLE = ("max_steps", "optim", "first_codebook_weight_multiplier", "text_padding_weight",
              "gradient_checkpointing", "autocast", "data.codes_dir", "llama.temperature", "llama.hidden_mse_weight",
              "llama.loss_chunk", "llama.val_data", "num_microbatches")
