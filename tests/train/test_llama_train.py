@@ -141,6 +141,10 @@ def test_the_loss_in_slices_equals_the_whole_sequence_loss(tmp_path: Path, objec
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
     assert g0["model.layers.3.self_attn.ttt.W1"].abs().sum() > 0
+    if objective == "distill":  # validation too
+        with torch.no_grad():
+            torch.testing.assert_close(family._val_sums(model, batch, 20), family._val_sums(model, batch, 0),
+                                       rtol=1e-6, atol=1e-6)
 
 
 def test_a_resume_may_change_llama_loss_keys_on_request_only(tmp_path: Path) -> None:

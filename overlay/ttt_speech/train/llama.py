@@ -177,22 +177,41 @@ class LlamaFamily:
         was_training = model.training
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # student nll, teacher nll, tokens, kl * batches
+        autocast = cfg.autocast == "bf16" or (cfg.autocast == "auto" and device.type == "cuda")  # as in training
         try:
             for _ in range(cfg.llama.val_batches):
                 batch = next(loader).to(device)
-                student = model(input_ids=batch[:, 0], use_cache=False).logits
-                with llama_train.ttt_bypassed(model):
-                    teacher = model(input_ids=batch[:, 0], use_cache=False).logits
-                s_nll, n = next_token_nll(student, batch)
-                t_nll, _ = next_token_nll(teacher, batch)
-                kl = kl_teacher_student(teacher, student)
-                sums += torch.stack([s_nll.double(), t_nll.double(), n.double(), kl.double()])
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    sums += self._val_sums(model, batch, cfg.llama.loss_chunk)
         finally:
             model.train(was_training)
         sums = all_mean(sums)
         tokens = max(float(sums[2]), 1.0)
         return {"ppl_student": math.exp(float(sums[0]) / tokens), "ppl_teacher": math.exp(float(sums[1]) / tokens),
                 "kl": float(sums[3]) / cfg.llama.val_batches}
+
+    @staticmethod
+    def _val_sums(model, batch: torch.Tensor, chunk: int) -> torch.Tensor:
+        """[student NLL sum, teacher NLL sum, labelled tokens, KL mean] of one batch (logits in slices of `chunk`
+        positions when > 0)."""
+        ids = batch[:, 0]
+        if chunk:
+            with llama_train.FinalHidden(model) as student:
+                model(input_ids=ids, use_cache=False)
+            with llama_train.ttt_bypassed(model), llama_train.FinalHidden(model) as teacher:
+                model(input_ids=ids, use_cache=False)
+            weight = student.weight()
+            n = (batch[:, 1, 1:] != IGNORE).sum()
+            kl, s_ce = chunked_losses(student.hidden, teacher.hidden, weight, batch, 1.0, chunk)
+            _, t_ce = chunked_losses(teacher.hidden, None, weight, batch, 1.0, chunk)
+            return torch.stack([s_ce.double() * n, t_ce.double() * n, n.double(), kl.double()])
+        student = model(input_ids=ids, use_cache=False).logits
+        with llama_train.ttt_bypassed(model):
+            teacher = model(input_ids=ids, use_cache=False).logits
+        s_nll, n = next_token_nll(student, batch)
+        t_nll, _ = next_token_nll(teacher, batch)
+        kl = kl_teacher_student(teacher, student)
+        return torch.stack([s_nll.double(), t_nll.double(), n.double(), kl.double()])
 
     def validate(self, model, cfg: TrainConfig, step: int, stage: int, rank: int, world: int,
                  device: torch.device) -> dict[str, float] | None:
