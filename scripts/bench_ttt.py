@@ -165,7 +165,8 @@ def reference_call(theirs, ours, x, backward, clock="wall"):
     return call
 
 
-def compare_reference(a):
+def compare_reference(a, partial=None):
+    """The side-by-side table; ``partial(rows)`` is called after every row (the JSON so far)."""
     ref = load_reference(a.reference)
     H, T, B = a.heads or 8, (a.seq_lens or [1024])[0], a.batch
     shapes = [s for s in REFERENCE_SHAPES if a.inner is None or s[0] in a.inner]
@@ -214,6 +215,8 @@ def compare_reference(a):
                 f"{m_theirs / m_ours:6.2f}x {paired:6.2f}x {diff:9.1e}",
                 flush=True,
             )
+            if partial is not None:
+                partial(rows)
     load_end = os.getloadavg()
     worst = min(r["ratio"] for r in rows)
     print(
@@ -251,8 +254,10 @@ def main(argv=None):
         if a.device != "cpu" or a.dtype != "fp32":
             raise SystemExit("--reference runs on the CPU in fp32")
         a.reps = a.reps or 7
-        rows, load = compare_reference(a)
-        write_json(a.out or "bench/ttt_vs_reference.json", a, torch.device("cpu"), dict(results=rows, **load))
+        out = a.out or "bench/ttt_vs_reference.json"
+        rows, load = compare_reference(
+            a, lambda rows: write_json(out, a, torch.device("cpu"), dict(results=rows, complete=False), quiet=True))
+        write_json(out, a, torch.device("cpu"), dict(results=rows, complete=True, **load))
         return
     a.reps = a.reps or 3
     device = torch.device(a.device)
@@ -324,7 +329,7 @@ def main(argv=None):
     write_json(a.out or "bench/ttt_ops.json", a, device, dict(results=rows, speedup=speedups))
 
 
-def write_json(path, a, device, payload):
+def write_json(path, a, device, payload, quiet=False):
     meta = dict(
         date=time.strftime("%Y-%m-%d"),
         device=str(device),
@@ -340,7 +345,8 @@ def write_json(path, a, device, payload):
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, **payload), indent=2) + "\n")
-    print(f"\nwrote {out}")
+    if not quiet:
+        print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -205,9 +204,11 @@ def _ln_l2_grad_vjp(dg, g, z, c, gamma2, dz, dc, dgamma2) -> None:
 
 
 def _gelu(x: Tensor, out: Tensor | None = None) -> Tensor:
-    if out is None:
-        return F.gelu(x, approximate="tanh")
-    return torch.ops.aten.gelu.out(x, approximate="tanh", out=out)
+    """``gelu_tanh(x) = x * sigmoid(2u)``, ``u = c (x + a x^3)``: the same function as ``0.5 x (1 + tanh(u))`` and
+    about twice as fast on CPU as PyTorch's tanh GELU (its vectorised tanh is slower than its sigmoid)."""
+    a, c = 0.044715, math.sqrt(2.0 / math.pi)
+    s = torch.mul(x, x, out=out)
+    return s.mul_(2.0 * c * a).add_(2.0 * c).mul_(x).sigmoid_().mul_(x)
 
 
 def _gelu_grad(dy: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
@@ -472,13 +473,17 @@ class _ChunkMLP(torch.autograd.Function):
         A1 = torch.matmul(lay.xq, lay.xk.mT).mul_(lay.E)  # E * (xq xk^T + 1)
         out_state = [torch.zeros_like(t) for t in (w1, w2, b2)]
         out_acc = [torch.zeros_like(t) for t in (w1, w2, b2)]
+        # views per mini-batch made once (indexing in the loop costs about as much as its small kernels)
+        kq_l, c_l, E_l, A1_l, el_l = (t.unbind(0) for t in (lay.kq, lay.c, lay.E, A1, lay.el))
+        upd_l, xq_l = lay.upd.mT.unbind(0), lay.xq[..., :D].unflatten(1, (lay.B, lay.H)).unbind(0)
+        w1s_l, w2s_l, b2s_l = w1s.unbind(0), w2s.unbind(0), b2s.unbind(0)
         for n in range(N):
             i, j = (n, n + 1) if save else (0, 0)
-            w1_n, w2_n, b2_n = w1s[i], w2s[i], b2s[i]
-            zz1_n = torch.bmm(lay.kq[n], w1_n, out=zz1[n] if save else None)
+            w1_n, w2_n, b2_n = w1s_l[i], w2s_l[i], b2s_l[i]
+            zz1_n = torch.bmm(kq_l[n], w1_n, out=zz1[n] if save else None)
             z1 = zz1_n[:, :b]
             x2_n = _gelu(z1, out=x2[n] if save else None)
-            g2 = _ln_l2_grad(torch.baddbmm(b2_n, x2_n, w2_n), lay.c[n], lay.gamma2,
+            g2 = _ln_l2_grad(torch.baddbmm(b2_n, x2_n, w2_n), c_l[n], lay.gamma2,
                              out=G2[n] if save else torch.empty_like(lay.c[n]))  # fmt: skip
             g1 = _gelu_grad(torch.bmm(g2, w2_n.mT), z1, out=G1[n] if save else None)
             if n in masks:  # rows that stop here: this anchor, and this mini-batch's gradients pending
@@ -489,22 +494,22 @@ class _ChunkMLP(torch.autograd.Function):
                 for t, x, a in zip(out_acc, pending, acc or (None,) * 3, strict=True):
                     t += _masked(x if n > 0 or a is None else x + a, masks[n])
             if not save:
-                z1q = torch.baddbmm(zz1_n[:, b:], A1[n], g1, alpha=-1.0)
+                z1q = torch.baddbmm(zz1_n[:, b:], A1_l[n], g1, alpha=-1.0)
                 if n == 0 and acc is not None:
                     z1q -= tok[:, None] * (lay.xq[0] @ a1)
                 x2q = _gelu(z1q)
                 z2q = torch.baddbmm(b2_n, x2q, w2_n)
-                z2q.baddbmm_(torch.addcmul(lay.E[n], lay.E[n], x2q @ x2_n.mT), g2, alpha=-1.0)  # E (x2q x2^T + 1)
+                z2q.baddbmm_(torch.addcmul(E_l[n], E_l[n], x2q @ x2_n.mT), g2, alpha=-1.0)  # E (x2q x2^T + 1)
                 if n == 0 and acc is not None:
                     z2q -= tok[:, None] * torch.baddbmm(a3, x2q, a2)
-                for (z2q_r,) in _row_blocks(z2q):
-                    z2q_r.copy_(_normalize(z2q_r)[0])
-                y = z2q.mul_(gamma).add_(beta).add_(lay.xq[n, ..., :D])
-                lay.view(o, n).copy_(y.view(lay.B, lay.H, b, D))
-            g2e = g2 * lay.el[n]
-            torch.baddbmm(w1_n, lay.upd[n].mT, g1, alpha=-1.0, out=w1s[j])  # in place when j == i
-            torch.baddbmm(w2_n, x2_n.mT, g2e, alpha=-1.0, out=w2s[j])
-            torch.sub(b2_n, g2e.sum(dim=1, keepdim=True), out=b2s[j])
+                for z2q_r, gamma_r, beta_r in _row_blocks(z2q, gamma, beta):
+                    yhat = _normalize(z2q_r)[0]
+                    z2q_r.copy_(torch.addcmul(beta_r, yhat, gamma_r, out=yhat))
+                torch.add(z2q.view(lay.B, lay.H, b, D), xq_l[n], out=lay.view(o, n))
+            g2e = g2 * el_l[n]
+            torch.baddbmm(w1_n, upd_l[n], g1, alpha=-1.0, out=w1s_l[j])  # in place when j == i
+            torch.baddbmm(w2_n, x2_n.mT, g2e, alpha=-1.0, out=w2s_l[j])
+            torch.sub(b2_n, g2e.sum(dim=1, keepdim=True), out=b2s_l[j])
             if n == 0 and acc is not None:
                 for t, a in zip((w1s[j], w2s[j], b2s[j]), acc, strict=True):
                     t.addcmul_(a, tok[-1], value=-1.0)
