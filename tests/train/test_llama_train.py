@@ -120,6 +120,17 @@ def test_resume_gives_the_same_losses_stages_microbatches_and_validation(tmp_pat
     assert json.loads((tmp_path / "straight/best/best.json").read_text())["step"] == 2
 
 
+def test_gated_residual_with_hidden_mse_resumes_exactly(tmp_path: Path) -> None:
+    extra = ["--ttt.mode=gated_residual", "--llama.hidden_mse_weight=0.5", "--max_steps=4", "--llama.val_data=null",
+             "--export_safetensors=false"]
+    straight = train(tiny(tmp_path / "straight", *extra))
+    train(tiny(tmp_path / "resumed", *extra, "--stop_after=2"))
+    second = train(tiny(tmp_path / "resumed", *extra))
+    assert second["losses"] == straight["losses"][2:]  # tolerance: exact
+    rows = logged(tmp_path / "straight")
+    assert all(float(r["hidden_mse"]) > 0 for r in rows) and rows == logged(tmp_path / "resumed")
+
+
 @pytest.mark.parametrize("objective", ["distill", "finetune"])
 def test_the_loss_in_slices_equals_the_whole_sequence_loss(tmp_path: Path, objective: str) -> None:
     extra = [f"--llama.objective={objective}", "--llama.seq_len=48", "--llama.trainable=all"]
