@@ -14,6 +14,11 @@ forward (no grad) and forward + backward, in interleaved repeats so that machine
 medians and the ratio reference / ours (> 1: ours is faster) and writes JSON (default bench/ttt_vs_reference.json).
 
     PYTHONPATH=overlay python scripts/bench_ttt.py --reference /tmp/ref/ttt.py --threads 2
+    PYTHONPATH=overlay python scripts/bench_ttt.py --reference /tmp/ref/ttt.py --threads 1 --clock cpu
+
+``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine shared with other jobs it
+does not count the time they hold the cores (on one thread it is the steadier measure; with more threads it also
+counts threads spinning at a barrier). The JSON is rewritten after every row (``complete: false`` until the end).
 
 Targets from the issue: dual >= 5x primal on CPU at b=16; >= 1.5x on GPU at 64 heads, head_dim 128, b=16; ours
 >= 1.5x the reference on CPU on all six shapes, forward and forward + backward.

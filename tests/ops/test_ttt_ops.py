@@ -156,8 +156,35 @@ def test_chunk_gradcheck_fp64(kind):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, fast_mode=kind == "mlp")
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def num_threads(request):
+    """The dual form's LN math takes one fused path on one thread and row blocks on more: run both."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunk_thread_paths_match_naive(kind, num_threads):
+    """Heads x mini-batch x D = 32768 elements: several row blocks on 2 threads, one fused block on 1."""
+    args = make_inputs(kind, B=2, T=70, H=4, D=64, b=64, offsets=(5, 0), seed=3)
+    res = op("chunk", kind)(**args)
+    with torch.no_grad():
+        ref = op("naive_chunk", kind)(**args)
+    assert_results_close(res, ref, atol=2e-5)
+
+
+def test_gelu_sigmoid_form_is_gelu_tanh():
+    x = torch.linspace(-12, 12, 2001, dtype=torch.float64)
+    assert torch.allclose(chunk_module._gelu(x), F.gelu(x, approximate="tanh"), atol=1e-14, rtol=0)
+    out = torch.empty(2001, dtype=torch.float32)
+    assert chunk_module._gelu(x.float(), out=out) is out
+    assert torch.allclose(out, F.gelu(x.float(), approximate="tanh"), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(3, 5, 16), (4, 100, 128)])  # one row block, and several
-def test_chunk_helpers_match_autograd_fp64(shape):
+def test_chunk_helpers_match_autograd_fp64(shape, num_threads):
     """The closed forms inside the dual form's hand-written backward: the LN-fused gradient, its VJP, gelu''."""
     torch.manual_seed(0)
     R, K, D = shape

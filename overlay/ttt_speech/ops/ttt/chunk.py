@@ -17,8 +17,9 @@ How the work is split (CPU timings that motivate it: ``docs/ttt.md``, Benchmark)
   output-side gradients. Biases ride along as an extra row of the weights (``[x, 1] @ [[W], [b]]``).
 * The loop over mini-batches keeps only the sequential recurrence: ``[xk; xq] @ W``, the LN-fused inner gradient
   and the commit, i.e. two batched matmuls per mini-batch for TTT-Linear. Its results go into buffers allocated
-  once (``out=``); the LN-fused gradient is written with small elementwise ops, which at these sizes stay on the
-  calling thread (a fused LayerNorm kernel would open a parallel region per mini-batch).
+  once (``out=``); the LN-fused gradient is written with small elementwise ops. On one thread its LayerNorm is one
+  fused kernel; with more threads the math runs in row blocks that stay on the calling thread (a fused LayerNorm
+  kernel would open a parallel region per mini-batch, which on a busy machine waits for a descheduled thread).
 * Every mini-batch commits in the loop. A row whose tokens end mid mini-batch has only padding after that
   mini-batch, so its later weights are never read; its returned state is taken from the right mini-batch.
 * The backward is written by hand (``torch.autograd.Function``), mirroring the forward: batched output-side terms,
