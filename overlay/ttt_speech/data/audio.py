@@ -13,10 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttt_speech.constants import FRAME_RATE, SAMPLE_RATE
 from ttt_speech.errors import DataError
-
-SAMPLE_RATE = 24000
-FRAME_RATE = 12.5
 
 
 def num_frames(duration_sec: float, frame_rate: float = FRAME_RATE, sample_rate: int = SAMPLE_RATE) -> int:

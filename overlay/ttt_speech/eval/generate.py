@@ -40,10 +40,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ttt_speech.constants import DTYPES, FRAME_RATE, FRAME_SIZE
 from ttt_speech.errors import ConfigError
 from ttt_speech.eval.stats import MIN_CLUSTERS, t_interval
-
-FRAME_RATE = 12.5
 
 
 def empirical_entropy(tokens: Sequence[int]) -> float:
@@ -239,7 +238,7 @@ def plot_generate(report: dict, path: Path) -> Path:
 
 def silence_codes(mimi_spec: str, num_codebooks: int, frames: int, device: str = "cpu") -> torch.Tensor:
     """Mimi's codes of `frames` frames of silence, of shape [num_codebooks, frames]."""
-    from ttt_speech.integrations.mimi import FRAME_SIZE, encode, load_mimi
+    from ttt_speech.integrations.mimi import encode, load_mimi
 
     mimi = load_mimi(mimi_spec, device=device, num_codebooks=num_codebooks)
     return encode(mimi, torch.zeros(1, frames * FRAME_SIZE))[0]
@@ -262,7 +261,7 @@ def run(checkpoints: list[str], out_dir: str, frames: int, manifest: str | None 
         parse_ttt_specs,
     )
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = DTYPES[dtype]
     named = parse_checkpoints(checkpoints)
     ttt_of = parse_ttt_specs(ttt, [n for n, _ in named])
     for name, path in named:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ttt_speech.constants import DTYPES, FRAME_RATE
 from ttt_speech.errors import ConfigError, DataError
 from ttt_speech.eval.nll import STREAMS, frame_nll
 from ttt_speech.eval.stats import (  # noqa: F401  (mean_ci95, t975: the old import path)
@@ -60,7 +61,6 @@ from ttt_speech.eval.stats import (  # noqa: F401  (mean_ci95, t975: the old imp
 
 DEFAULT_BINS = [1000, 2000, 4000, 8000, 16000, 24000]
 ALL_STREAMS = [*STREAMS, "audio"]
-FRAME_RATE = 12.5
 PAIRED_KEYS = ("bins", "past_window", "window_contrast", "slope_past_window", "curve")
 
 
@@ -490,7 +490,7 @@ def run(checkpoints: list[str], manifest: str, tokenizer: str, out_dir: str, mim
         n_boot: int = DEFAULT_BOOTSTRAP, print_paired: bool = True, ttt: list[str] | None = None) -> dict:
     """`ttt-speech eval librilight`: checkpoints are `NAME=PATH` or `PATH` (named by its folder); `ttt`: the
     `--ttt [NAME=]SPEC` the checkpoints are checked against (`parse_ttt_specs`; default: each its own)."""
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = DTYPES[dtype]
     named = parse_checkpoints(checkpoints)
     ttt_of = parse_ttt_specs(ttt, [n for n, _ in named])
     for name, path in named:

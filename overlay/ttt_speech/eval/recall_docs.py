@@ -23,9 +23,10 @@ import random
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-FRAME_SEC = 0.08
-SAMPLE_RATE = 24000
-FRAME_SAMPLES = 1920
+from ttt_speech.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+
+FRAME_SEC = 1 / FRAME_RATE  # 0.08
+FRAME_SAMPLES = FRAME_SIZE
 MIN_FILLER_SEC = 4.0  # > the spoken-recall model's receptive field (4 layers x (context 10 - 1) + 2 = 38 frames)
 PARTS = ("first", "filler", "repeat", "unrelated")
 MENTIONS = ("first", "repeat", "unrelated")

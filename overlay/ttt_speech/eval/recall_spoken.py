@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ttt_speech.constants import FRAME_RATE
 from ttt_speech.data.interleave import (
     END_OF_TEXT_PAD,
     TEXT_PAD,
@@ -61,7 +62,6 @@ from ttt_speech.eval.stats import Estimate, cluster_bootstrap, paired_difference
 from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, tiny_lm_kwargs
 from ttt_speech.train.loss import moshi_loss
 
-FRAME_RATE = 12.5
 MENTIONS = rd.MENTIONS
 VARIANTS = ("window", "full", "inplace", "inplace_next", "ttt_linear", "ttt_mlp")
 CODES_VERSION = 1  # of `Banks`' encoding, in its cache key

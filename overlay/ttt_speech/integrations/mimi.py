@@ -18,12 +18,10 @@ from moshi.models.compression import MimiModel
 from moshi.models.loaders import _mimi_config, get_mimi
 from moshi.utils.compile import no_cuda_graph
 
+from ttt_speech.constants import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE  # noqa: F401  (FRAME_*: the old import path)
 from ttt_speech.integrations.moshi import TINY_LM_KWARGS
 
 TINY_RANDOM = "tiny-random"
-SAMPLE_RATE = 24000
-FRAME_RATE = 12.5
-FRAME_SIZE = 1920  # audio samples per Mimi frame
 # long audio is encoded in streaming chunks of this many frames (60 s), so memory does not grow with the file
 ENCODE_CHUNK_FRAMES = 750
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-FRAME_RATE = 12.5
+from ttt_speech.constants import FRAME_RATE
 
 
 class SyntheticCodes:

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from ttt_speech.config import ConfigError
+from ttt_speech.constants import DTYPES
 from ttt_speech.integrations import moshi as moshi_int
 from ttt_speech.train.config import LoraConfig, TrainConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_lm_kwargs(spec: Any) -> dict[str, Any]:
