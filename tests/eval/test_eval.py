@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from moshi_codes import random_codes as codes_for
 
 from ttt_speech.errors import DataError, TTTSpeechError
 from ttt_speech.eval.librilight import (
@@ -28,13 +29,6 @@ from ttt_speech.eval.librilight import (
 )
 from ttt_speech.eval.nll import _nll, frame_nll
 from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm
-
-
-def codes_for(model, B: int, T: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, model.card, (B, model.num_codebooks, T), generator=g)
-    codes[:, 0] = torch.randint(0, model.text_card, (B, T), generator=g)
-    return codes
 
 
 def test_nll_matches_a_hand_computed_example() -> None:

@@ -67,13 +67,12 @@ class RecordingGating(nn.Module):
         return self.inner(x)
 
 
-def test_text_and_input_embeddings_reach_gatings_that_ask_for_them() -> None:
+def test_text_and_input_embeddings_reach_gatings_that_ask_for_them(random_codes) -> None:
     model = moshi_int.build_lm()
     main_layer = model.transformer.layers[1]
     main_layer.gating = RecordingGating(main_layer.gating)
     plain_depformer_gatings = [layer.gating for layer in model.depformer.layers]
-    codes = torch.randint(0, model.card, (2, model.num_codebooks, 5))
-    codes[:, 0] = torch.randint(0, model.text_card, (2, 5))
+    codes = random_codes(model, 2, 5)
     model(codes)
     (seen,) = main_layer.gating.seen
     assert seen.shape == (2, 5, model.dim)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from moshi.models.lm import _delay_sequence
+from moshi_codes import random_codes  # noqa: F401  (also imported from here by other test modules)
 
 from ttt_speech.integrations.moshi import (
     MoshiTTTConfig,
@@ -20,13 +21,6 @@ from ttt_speech.integrations.moshi import (
     ttt_parameter_names,
 )
 from ttt_speech.integrations.moshi_inplace import InPlaceTTTGating
-
-
-def random_codes(model, B: int, T: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, model.card, (B, model.num_codebooks, T), generator=g)
-    codes[:, 0] = torch.randint(0, model.text_card, (B, T), generator=g)
-    return codes
 
 
 def forward_text_input(model, codes: torch.Tensor) -> torch.Tensor:

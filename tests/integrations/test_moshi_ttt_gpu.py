@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moshi_codes import random_codes
 
 from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, ttt_modules
 
@@ -11,10 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def seq_for(model, B: int, T: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    codes = torch.randint(0, model.card, (B, model.num_codebooks, T), generator=g)
-    codes[:, 0] = torch.randint(0, model.text_card, (B, T), generator=g)
-    return codes.cuda()
+    return random_codes(model, B, T).cuda()
 
 
 @pytest.mark.parametrize("kind", ["inplace", "block"])
