@@ -151,7 +151,8 @@ def _main(argv: list[str] | None) -> int:
     lle.add_argument("--device", default="cpu")
     lle.add_argument("--out", help="default RUN_DIR/eval_llama.json")
 
-    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="data preparation: librilight, manifest, encode").add_subparsers(
+        dest="data_command", required=True)
     lm = data.add_parser("librilight", help="long-form manifest: a speaker's chapters concatenated in order")
     lm.add_argument("root")
     lm.add_argument("out_dir")
@@ -161,6 +162,18 @@ def _main(argv: list[str] | None) -> int:
                     help="hold out N speakers (drawn with --holdout-seed) or a comma-separated list (`1089,` for "
                          "one): train.jsonl and heldout.jsonl instead of long.jsonl")
     lm.add_argument("--holdout-seed", type=int, default=0)
+    manifest = data.add_parser("manifest", help="list the recordings of a folder that have alignments beside them")
+    manifest.add_argument("audio_dir")
+    manifest.add_argument("out", help="the jsonl manifest to write")
+    manifest.add_argument("--pattern", default="**/*.wav", help="glob under audio_dir (default: %(default)s)")
+    encode = data.add_parser("encode", help="pre-encode a manifest's recordings with Mimi into code shards "
+                             "(data.codes_dir)")
+    encode.add_argument("manifest")
+    encode.add_argument("codes_dir")
+    encode.add_argument("--mimi", default="tiny-random", help="Mimi weights file or tiny-random")
+    encode.add_argument("--device", default="cpu")
+    encode.add_argument("--num-codebooks", type=int, default=8)
+    encode.add_argument("--shard-mb", type=float, default=256.0)
 
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "finetune":
@@ -229,6 +242,17 @@ def _main(argv: list[str] | None) -> int:
                      reference=args.reference, sampling=sampling, device=args.device, dtype=args.dtype,
                      ttt=args.ttt)
         print(f"wrote {args.out}/generate.json, generate.csv, generate.png")
+    elif args.command == "data" and args.data_command == "manifest":
+        from ttt_speech.data.manifest import build_manifest
+
+        count = build_manifest(args.audio_dir, args.out, args.pattern)
+        print(f"wrote {args.out}: {count} recordings")
+    elif args.command == "data" and args.data_command == "encode":
+        from ttt_speech.data.codes import pre_encode
+
+        index = pre_encode(args.manifest, args.codes_dir, mimi=args.mimi, device=args.device,
+                           num_codebooks=args.num_codebooks, shard_mb=args.shard_mb, verbose=True)
+        print(f"wrote {index}")
     elif args.command == "data":
         from ttt_speech.data.librilight import SPEAKERS_FILE, build_librilight_long, parse_holdout
 

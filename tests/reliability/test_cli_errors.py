@@ -81,3 +81,13 @@ def test_the_sweep_runs_and_counts_verdicts(tmp_path, capsys) -> None:
     assert sweep.verdict(case, sweep.Outcome(0, "finetune done: 2 steps")) == "silent"
     assert sweep.verdict(case, sweep.Outcome(2, "error: optim.lr must be ...")) == "named error"
     assert sweep.verdict(case, sweep.Outcome(2, "error: something else")) == "wrong"
+
+
+def test_the_data_commands_are_one_cli(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0 and "data preparation: librilight, manifest, encode" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["data", "--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("librilight", "manifest", "encode"))

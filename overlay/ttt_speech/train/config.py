@@ -56,7 +56,7 @@ class DataConfig:
         shuffle: shuffle files every epoch (deterministic from `seed`).
         tokenizer: SentencePiece model for the text stream.
         mimi: Mimi weights (a local path) or "tiny-random".
-        codes_dir: pre-encoded code shards of `train_data` (see `ttt-speech encode`); None encodes on the fly.
+        codes_dir: pre-encoded code shards of `train_data` (`ttt-speech data encode`); None encodes on the fly.
         eval_data: a jsonl manifest evaluated every `eval_freq` steps when `do_eval` (its crops in order, from
             their start), or "synthetic" (with synthetic training data); "" none.
     """
