@@ -110,7 +110,7 @@ def test_moshi_paths_resolve_through_moshis_checkpoint_info(tmp_path) -> None:
     assert not resolved.moshi_paths.active and cfg.moshi_paths.active  # the input is left as it was
     # without config_path (and hf_repo_id): moshi's CheckpointInfo built from the files, Moshi 7B's LM config
     plain = resolve_moshi_paths(example(tmp_path / "3", "--moshi_paths.config_path=null"))
-    assert plain.model.lm_kwargs == "moshi-7b" and plain.model.checkpoint == cfg.moshi_paths.moshi_path
+    assert plain.model.lm_kwargs == "moshi-7b" and plain.model.checkpoint == str(tmp_path / "3/base/model.safetensors")
     with pytest.raises(ConfigError, match=r"moshi_paths\.tokenizer_path: no file at .*none\.model"):
         example(tmp_path / "2", f"--moshi_paths.tokenizer_path={tmp_path / 'none.model'}")  # at load: --check too
 
