@@ -2,9 +2,10 @@
 
 Steps 3-4 of the quickstart (`ttt_speech.quickstart.run`) without submitit or plots: per seed, the tiny base model
 and the tiny TTT model are fine-tuned on the sample dialogues the same way (same seed, crops and data order), then
-`eval librilight` scores both on the 2900-frame sample audiobook. Per seed and variant it records the paired
-TTT - base difference per bin (the last bin, 1200-2000 frames, is the quickstart's claim) and the slope per
-log-frame past the window; the summary gives the mean over seeds with the half-width of the 95% t interval
+`eval librilight` scores both on the 2900-frame sample audiobook (parallel mode: equal to the quickstart's frame-by-
+frame streaming; streaming in steps of several frames is not, with a window this short). Per seed and variant it
+records the paired TTT - base difference per bin (the last bin, 1200-2000 frames, is the quickstart's claim) and the
+slope per log-frame past the window; the summary gives the mean over seeds with the half-width of the 95% t interval
 (one document: the spread is training noise between two fine-tunes, not document sampling).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/sweep_quickstart_bound.py --out bench/quickstart_bound \
@@ -21,23 +22,16 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
 BINS = [50, 100, 200, 400, 800, 1600]
 
 
-def t95(n: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, n - 1)) if n > 1 else math.nan
-
-
 def summarise(values: list[float]) -> dict:
-    a = np.asarray(values, dtype=float)
-    half = t95(len(a)) * a.std(ddof=1) / math.sqrt(len(a)) if len(a) > 1 else None
-    return {"mean": float(a.mean()), "ci95_half": half, "n": len(a), "values": [float(v) for v in a]}
+    from ttt_speech.eval.stats import mean_ci95
+
+    mean, half, n = mean_ci95(values)
+    return {"mean": mean, "ci95_half": None if math.isnan(half) else half, "n": n, "values": [float(v) for v in values]}
 
 
 def main() -> None:
@@ -47,7 +41,11 @@ def main() -> None:
     p.add_argument("--variant", required=True, help="name of the TTT setting (a folder under --out)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--duration-sec", type=float, default=8.0, help="training crops (the quickstart's: 8 s)")
-    p.add_argument("--eval-step", type=int, default=40, help="frames per streaming call (equal to 1 by semantics)")
+    p.add_argument("--mode", choices=["parallel", "streaming"], default="parallel",
+                   help="eval mode; parallel equals the quickstart's frame-by-frame streaming")
+    p.add_argument("--eval-step", type=int, default=1, help="frames per streaming call (moshi's ring KV cache "
+                   "makes a step > 1 differ from frame by frame when the window is short)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (the quickstart uses torch's default)")
     args, overrides = p.parse_known_args()
 
     import torch
@@ -58,7 +56,7 @@ def main() -> None:
     from ttt_speech.train.config import TrainConfig
     from ttt_speech.train.trainer import train
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     codes = {}
     for name in ("dialogues", "audiobook"):
@@ -79,15 +77,16 @@ def main() -> None:
                 t0 = time.perf_counter()
                 train(load_config(TrainConfig, config, [*common, f"--run_dir={run_dir}", *extra]))
                 print(f"trained {run_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
-        report_file = ttt_dir / "eval" / "report.json"
+        eval_dir = ttt_dir / ("eval-parallel" if args.mode == "parallel" else f"eval-step{args.eval_step}")
+        report_file = eval_dir / "report.json"
         if report_file.is_file():
             report = json.loads(report_file.read_text())
         else:
             t0 = time.perf_counter()
             report = librilight.run([f"base={base_dir / 'export'}", f"ttt={ttt_dir / 'export'}"],
                                     str(SAMPLES / "audiobook.jsonl"), str(SAMPLES / "tokenizer.model"),
-                                    str(ttt_dir / "eval"), codes_dir=str(codes["audiobook"]), step=args.eval_step,
-                                    bins=BINS, print_paired=False, n_boot=200)
+                                    str(eval_dir), codes_dir=str(codes["audiobook"]), mode=args.mode,
+                                    step=args.eval_step, bins=BINS, print_paired=False, n_boot=200)
             print(f"evaluated {ttt_dir} in {time.perf_counter() - t0:.0f} s", flush=True)
         paired = report["checkpoints"]["ttt"]["paired"]
         results[seed] = {
@@ -100,7 +99,8 @@ def main() -> None:
         print(f"seed {seed} {args.variant}: last bin text {r['bins']['text'][-1]:+.3f} audio "
               f"{r['bins']['audio'][-1]:+.3f}; per bin text {[round(x, 3) for x in r['bins']['text']]} audio "
               f"{[round(x, 3) for x in r['bins']['audio']]}", flush=True)
-    summary = {"variant": args.variant, "overrides": overrides, "steps": args.steps,
+    summary = {"variant": args.variant, "overrides": overrides, "steps": args.steps, "eval_mode": args.mode,
+               "eval_step": args.eval_step,
                "duration_sec": args.duration_sec, "bins": [list(b) for b in librilight.bin_edges(BINS)],
                "per_seed": results}
     for stream in ("text", "audio"):

@@ -23,6 +23,8 @@ def test_quickstart_pipeline_end_to_end(tmp_path: Path) -> None:
     assert summary["steps"] == 6 and summary["resumed_from_step"] == 3
     on_disk = json.loads((tmp_path / "qs" / "summary.json").read_text())
     assert {"steps", "resumed_from_step", "loss_first_window", "loss_last_window", "plots"} <= set(on_disk)
+    assert list(on_disk["timing"]) == ["1", "2", "3", "4", "5", "6"] and on_disk["cpu_seconds"] > 0
+    assert on_disk["last_bin"] == {"frames": [1200, 2000], "text": None, "audio": None}  # eval cut at 120 frames
     assert all(Path(p).stat().st_size > 0 for p in on_disk["plots"])
     report = json.loads(Path(on_disk["eval_report"]).read_text())
     assert set(report["checkpoints"]) == {"base", "ttt"}

@@ -13,8 +13,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
+import resource
 import time
 from pathlib import Path
 
@@ -25,9 +28,56 @@ from ttt_speech.integrations import moshi as moshi_int
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "data" / "samples"
+CROP_SEC = 8.0  # the quickstart's training crops: 100 frames at 12.5 Hz
 
 
-def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0) -> float:
+class StepClock:
+    """Wall and CPU seconds per quickstart step; CPU counts this process and its finished children (the submitit
+    jobs), user + system, so that it bounds the wall time on an idle machine whatever the load now."""
+
+    def __init__(self) -> None:
+        self.last = self._now()
+        self.startup_cpu = round(self.last[1], 1)  # the process before the clock: interpreter, torch, moshi imports
+        self.steps: dict[str, dict[str, float]] = {}
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.perf_counter(), me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+    def lap(self, step: str) -> str:
+        """Record the time since the last lap as `step`'s; returns "(W s wall, C s CPU)"."""
+        now = self._now()
+        wall, cpu = now[0] - self.last[0], now[1] - self.last[1]
+        self.last = now
+        self.steps[step] = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1)}
+        return f"({wall:.0f} s wall, {cpu:.0f} s CPU)"
+
+    def total(self) -> dict[str, float]:
+        """The steps' wall time; CPU time since the process started."""
+        return {"wall_s": round(sum(s["wall_s"] for s in self.steps.values()), 1),
+                "cpu_s": round(self.startup_cpu + sum(s["cpu_s"] for s in self.steps.values()), 1)}
+
+
+@contextlib.contextmanager
+def threads_per_process(threads: int):
+    """torch threads here and, through OMP_NUM_THREADS, in child processes; restored on exit. The tiny models'
+    operations are too small to share between threads: at 2 threads the trainer used 17x the CPU time of 1 thread
+    for the same steps on a loaded 2-core machine (the extra threads spin), and no less wall time."""
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
+
+
+def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0, clock: StepClock | None = None) -> float:
     """Patched moshi present; In-Place TTT streaming frame by frame == the parallel forward. Returns max |diff|."""
     import moshi
 
@@ -47,7 +97,7 @@ def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0) -> flo
     diff = (parallel - stepped).abs().max().item()
     print(f"[1/6] moshi {moshi.__version__} from {Path(moshi.__file__).parent} (5 patches present); "
           f"In-Place TTT in layers {cfg.layers}, chunk {cfg.chunk_size}: frame-by-frame streaming vs parallel, "
-          f"max |diff| {diff:.1e} (<= 1e-5)")
+          f"max |diff| {diff:.1e} (<= 1e-5)" + (f" {clock.lap('1')}" if clock else ""))
     if diff > 1e-5:
         raise RuntimeError(f"streaming and parallel disagree by {diff:.2e}")
     return diff
@@ -154,7 +204,8 @@ def _losses(run_dir: Path) -> list[float]:
 def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20, eval_max_frames: int | None = None,
         eval_step: int = 1, seed: int = 0, recall_steps: int = 250, recall_documents: int | None = None,
         recall_variants: tuple[str, ...] = ("window", "inplace", "full"),
-        recall_banks: list[tuple[str, int]] | None = None) -> dict:
+        recall_banks: list[tuple[str, int]] | None = None, threads: int = 1) -> dict:
+    """The quickstart (module docstring). `threads`: torch threads of this process and of the submitit jobs."""
     from ttt_speech.config import load_config
     from ttt_speech.data.codes import pre_encode
     from ttt_speech.eval import librilight
@@ -163,60 +214,75 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
     from ttt_speech.train.monitor import plot_monitor
     from ttt_speech.train.trainer import train
 
-    t_start = time.perf_counter()
-    out = Path(out).resolve()
-    check_streaming(seed=seed)
-    if not (SAMPLES / "samples.json").is_file():
-        raise FileNotFoundError(f"sample set missing at {SAMPLES}: run `make samples` (make quickstart does)")
-    codes = {}
-    for name in ("dialogues", "audiobook"):
-        codes[name] = out / "codes" / name
-        if not (codes[name] / "index.json").is_file():
-            pre_encode(SAMPLES / f"{name}.jsonl", codes[name], mimi="tiny-random")
-    print(f"[2/6] sample set {SAMPLES}: dialogues (stereo) and audiobook (mono), Mimi codes in {out / 'codes'}")
+    with threads_per_process(threads):  # the submitit jobs inherit OMP_NUM_THREADS
+        clock = StepClock()
+        out = Path(out).resolve()
+        check_streaming(seed=seed, clock=clock)
+        if not (SAMPLES / "samples.json").is_file():
+            raise FileNotFoundError(f"sample set missing at {SAMPLES}: run `make samples` (make quickstart does)")
+        codes = {}
+        for name in ("dialogues", "audiobook"):
+            codes[name] = out / "codes" / name
+            if not (codes[name] / "index.json").is_file():
+                pre_encode(SAMPLES / f"{name}.jsonl", codes[name], mimi="tiny-random")
+        print(f"[2/6] sample set {SAMPLES}: dialogues (stereo) and audiobook (mono), Mimi codes in {out / 'codes'} "
+              f"{clock.lap('2')}")
 
-    config = REPO / "configs" / "tiny.yaml"
-    # 8 s crops: 100 frames, 12 chunk updates of 8, far past the 32-frame window. The evaluation runs 2900 frames
-    # (360 chunks): `ttt.decay` 0.9 (a horizon of ~10 chunks) keeps the fast weight in the range training visits
-    # (unbounded, the paper's rule, the TTT model's NLL rose with position; docs/moshi_ttt.md, "The recipe")
-    common = [f"--data.train_data={SAMPLES / 'dialogues.jsonl'}", f"--data.tokenizer={SAMPLES / 'tokenizer.model'}",
-              f"--data.codes_dir={codes['dialogues']}", "--duration_sec=8.0", f"--max_steps={steps}",
-              f"--ckpt_freq={max(1, steps // 2)}", "--log_freq=1", f"--seed={seed}", "--ttt.decay=0.9"]
-    ttt_dir, base_dir = out / "ttt", out / "base"
-    local = SlurmConfig(cluster="local", time_min=30)
-    first = submit(str(config), [*common, f"--run_dir={ttt_dir}", f"--stop_after={steps // 2}"], local).result()
-    second = submit(str(config), [*common, f"--run_dir={ttt_dir}"], local).result()
-    print(f"[3/6] TTT run {ttt_dir}: submitit job 1 {first['status']} at step {first['steps']} (checkpoint), "
-          f"job 2 resumed from step {second['resumed_from_step']} to {second['steps']}")
-    base = train(load_config(TrainConfig, config, [*common, f"--run_dir={base_dir}", "--ttt=null"]))
-    print(f"      base run {base_dir} (no TTT): {base['steps']} steps")
+        config = REPO / "configs" / "tiny.yaml"
+        # 8 s crops: 100 frames, 12 chunk updates of 8, far past the 32-frame window. The evaluation runs 2900 frames
+        # (360 chunks): `ttt.decay` 0.9 (a horizon of ~10 chunks) keeps the fast weight in the range training visits
+        # (unbounded, the paper's rule, the TTT model's NLL rose with position; docs/moshi_ttt.md, "The recipe")
+        common = [f"--data.train_data={SAMPLES / 'dialogues.jsonl'}", f"--data.tokenizer={SAMPLES / 'tokenizer.model'}",
+                  f"--data.codes_dir={codes['dialogues']}", f"--duration_sec={CROP_SEC}", f"--max_steps={steps}",
+                  f"--ckpt_freq={max(1, steps // 2)}", "--log_freq=1", f"--seed={seed}", "--ttt.decay=0.9"]
+        ttt_dir, base_dir = out / "ttt", out / "base"
+        local = SlurmConfig(cluster="local", time_min=30)
+        first = submit(str(config), [*common, f"--run_dir={ttt_dir}", f"--stop_after={steps // 2}"], local).result()
+        second = submit(str(config), [*common, f"--run_dir={ttt_dir}"], local).result()
+        print(f"[3/6] TTT run {ttt_dir}: submitit job 1 {first['status']} at step {first['steps']} (checkpoint), "
+              f"job 2 resumed from step {second['resumed_from_step']} to {second['steps']}")
+        base = train(load_config(TrainConfig, config, [*common, f"--run_dir={base_dir}", "--ttt=null"]))
+        print(f"      base run {base_dir} (no TTT): {base['steps']} steps {clock.lap('3')}")
 
-    plots = [str(p) for p in plot_monitor(ttt_dir)]
-    report = librilight.run([f"base={base_dir / 'export'}", f"ttt={ttt_dir / 'export'}"],
-                            str(SAMPLES / "audiobook.jsonl"), str(SAMPLES / "tokenizer.model"), str(out / "eval"),
-                            codes_dir=str(codes["audiobook"]), step=eval_step, bins=[50, 100, 200, 400, 800, 1600],
-                            max_frames=eval_max_frames, print_paired=False)
-    plots.append(str(out / "eval" / "nll_vs_position.png"))
-    print(f"      {librilight.paired_line(report, 'ttt')}")  # one audiobook: a difference, not a CI
-    print(f"[4/6] plots: {', '.join(plots)}")
+        plots = [str(p) for p in plot_monitor(ttt_dir)]
+        report = librilight.run([f"base={base_dir / 'export'}", f"ttt={ttt_dir / 'export'}"],
+                                str(SAMPLES / "audiobook.jsonl"), str(SAMPLES / "tokenizer.model"), str(out / "eval"),
+                                codes_dir=str(codes["audiobook"]), step=eval_step, bins=[50, 100, 200, 400, 800, 1600],
+                                max_frames=eval_max_frames, print_paired=False)
+        plots.append(str(out / "eval" / "nll_vs_position.png"))
+        print(f"      {librilight.paired_line(report, 'ttt')}")  # one audiobook: a difference, not a CI
+        last = report["checkpoints"]["ttt"]["paired"]["bins"][-1]
+        last_bin = {s: last["streams"][s]["mean"] for s in ("text", "audio")}
+        crop = round(CROP_SEC * 12.5)
+        print(f"      ttt - base in the last bin (frames {last['lo']}-{last['hi']}, past the {crop}-frame training "
+              f"crops): " + ", ".join("{} {}".format(s, "no data" if v is None else f"{v:+.3f}")
+                                                for s, v in last_bin.items()))
+        print(f"[4/6] plots: {', '.join(plots)} {clock.lap('4')}")
 
-    losses = _losses(ttt_dir)
-    n = min(window, len(losses) // 2)
-    summary = {"steps": second["steps"], "resumed_from_step": second["resumed_from_step"],
-               "loss_first_window": sum(losses[:n]) / n, "loss_last_window": sum(losses[-n:]) / n, "window": n,
-               "base_loss_last_window": sum(_losses(base_dir)[-n:]) / n, "plots": plots,
-               "eval_report": str(out / "eval" / "report.json"), "export": second["export"],
-               "attention_context": report["checkpoints"]["ttt"]["attention_context"],
-               "seconds": round(time.perf_counter() - t_start, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"[5/6] TTT run loss: first {n} steps {summary['loss_first_window']:.3f}, last {n} steps "
-          f"{summary['loss_last_window']:.3f} (base model, last {n}: {summary['base_loss_last_window']:.3f}); "
-          f"summary {out / 'summary.json'} ({summary['seconds']:.0f} s)")
+        losses = _losses(ttt_dir)
+        n = min(window, len(losses) // 2)
+        summary = {"steps": second["steps"], "resumed_from_step": second["resumed_from_step"],
+                   "loss_first_window": sum(losses[:n]) / n, "loss_last_window": sum(losses[-n:]) / n, "window": n,
+                   "base_loss_last_window": sum(_losses(base_dir)[-n:]) / n, "plots": plots,
+                   "eval_report": str(out / "eval" / "report.json"), "export": second["export"],
+                   "attention_context": report["checkpoints"]["ttt"]["attention_context"],
+                   "last_bin": {"frames": [last["lo"], last["hi"]], **last_bin}}
+        lap = clock.lap("5")
+        summary.update(timing=clock.steps, seconds=clock.total()["wall_s"], cpu_seconds=clock.total()["cpu_s"])
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"[5/6] TTT run loss: first {n} steps {summary['loss_first_window']:.3f}, last {n} steps "
+              f"{summary['loss_last_window']:.3f} (base model, last {n}: {summary['base_loss_last_window']:.3f}); "
+              f"summary {out / 'summary.json'} {lap}")
 
-    summary["recall"] = run_recall(out, seed=seed, steps=recall_steps, documents=recall_documents,
-                                   variants=recall_variants, only_banks=recall_banks)
-    summary["plots"].append(summary["recall"]["plot"])
-    summary["seconds"] = round(time.perf_counter() - t_start, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"      recall plot {summary['recall']['plot']}; summary {out / 'summary.json'} ({summary['seconds']:.0f} s)")
-    return summary
+        summary["recall"] = run_recall(out, seed=seed, steps=recall_steps, documents=recall_documents,
+                                       variants=recall_variants, only_banks=recall_banks)
+        summary["plots"].append(summary["recall"]["plot"])
+        lap = clock.lap("6")
+        summary.update(timing=clock.steps, seconds=clock.total()["wall_s"], cpu_seconds=clock.total()["cpu_s"])
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"      recall plot {summary['recall']['plot']} {lap}; summary {out / 'summary.json'}")
+        print("      time per step (wall / CPU s, CPU: this process and its submitit jobs): " + ", ".join(
+            f"{k} {v['wall_s']:.0f} / {v['cpu_s']:.0f}" for k, v in clock.steps.items()) +
+              f"; total {summary['seconds']:.0f} / {summary['cpu_seconds']:.0f} (CPU including "
+              f"{clock.startup_cpu:.0f} s of start-up before step 1)")
+        return summary
