@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ttt_speech.constants import FRAME_RATE
 from ttt_speech.data.interleave import (
@@ -347,7 +348,8 @@ def train(model: torch.nn.Module, docs: TrainingDocuments, cfg: SpokenRecallConf
     model.train()
     t0 = time.perf_counter()
     held_out(0)
-    for step in range(cfg.steps):
+    bar = tqdm(range(cfg.steps), desc=progress, unit="step", disable=not progress, leave=False)
+    for step in bar:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
         batch = [docs.draw() for _ in range(cfg.batch)]
@@ -366,15 +368,16 @@ def train(model: torch.nn.Module, docs: TrainingDocuments, cfg: SpokenRecallConf
                 nll = [-logp[i, d.text_frames[m], codes[i, 0, d.text_frames[m]]].mean() for i, d in enumerate(batch)]
                 curve[f"{m}_text_nll"].append(torch.stack(nll).mean().item())
         curve["loss"].append(loss.item())
+        bar.set_postfix(loss=f"{curve['loss'][-1]:.3f}", refresh=False)
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             held_out(step + 1)  # before the progress line, which prints it
             if progress:
                 held = "" if not curve["eval_steps"] else \
                     f", held-out first {curve['eval_text_first'][-1]:.3f} repeat {curve['eval_text_repeat'][-1]:.3f}"
-                print(f"  {progress} step {step + 1}/{cfg.steps}: loss {np.mean(curve['loss'][-25:]):.3f}, training "
-                      f"documents' first {np.mean(curve['first_text_nll'][-25:]):.3f} repeat "
-                      f"{np.mean(curve['repeat_text_nll'][-25:]):.3f}{held} ({time.perf_counter() - t0:.0f} s)",
-                      flush=True)
+                bar.write(f"  {progress} step {step + 1}/{cfg.steps}: loss {np.mean(curve['loss'][-25:]):.3f}, "
+                          f"training documents' first {np.mean(curve['first_text_nll'][-25:]):.3f} repeat "
+                          f"{np.mean(curve['repeat_text_nll'][-25:]):.3f}{held} ({time.perf_counter() - t0:.0f} s)")
+    bar.close()
     model.eval()
     return curve
 
