@@ -94,7 +94,8 @@ def _main(argv: list[str] | None) -> int:
     ll.add_argument("--codes-dir")
     ll.add_argument("--out", required=True)
     ll.add_argument("--mode", choices=["streaming", "parallel"], default="streaming")
-    ll.add_argument("--step", type=int, default=1, help="frames per streaming call (1: frame by frame)")
+    ll.add_argument("--step", type=int, default=1,
+                    help="frames per streaming call (1: frame by frame; above 1 only within the attention context)")
     ll.add_argument("--bins", type=int, nargs="+", default=None, help="bin centres in frames")
     ll.add_argument("--max-frames", type=int)
     ll.add_argument("--device", default="cpu")

@@ -70,6 +70,19 @@ def test_streaming_equals_parallel(kind: str) -> None:
         torch.testing.assert_close(streamed, parallel, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+def test_multi_frame_streaming_past_the_context_is_refused() -> None:
+    model = build_lm().eval()
+    for layer in model.transformer.layers:
+        layer.self_attn.context = 6
+    codes = codes_for(model, 1, 15)
+    parallel = frame_nll(model, codes, "parallel")
+    # frame by frame stays exact past the window; 3 frames per call would not be, so it is refused
+    torch.testing.assert_close(frame_nll(model, codes, "streaming", step=1), parallel, rtol=1e-5, atol=1e-5,
+                               equal_nan=True)
+    with pytest.raises(ValueError, match="streaming step 3 on 15 frames: the attention context is 6 frames"):
+        frame_nll(model, codes, "streaming", step=3)
+
+
 def test_bins_average_documents_then_frames() -> None:
     doc_a = np.full((9, 100), 1.0)
     doc_b = np.full((9, 60), 3.0)

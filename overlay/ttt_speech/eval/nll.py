@@ -8,13 +8,17 @@ context does not exist yet, and zero tokens) are NaN.
 - streaming: the main transformer runs under `model.streaming(B)` in pieces of `step` frames, through the ring
   KV cache and the TTT streaming state (as `LMGen` runs it); the text head and the depformer, which have no state
   across frames, then run on the collected outputs as `LMModel.forward` does. Both modes give the same NLL where
-  the attention context covers the sequence.
+  the attention context covers the sequence, and frame by frame (`step` 1) for any length. A `step` above 1 on a
+  sequence longer than a layer's context is refused: moshi's ring KV cache holds exactly `context` keys, so the
+  first frames of a multi-frame call would lose keys that frame-by-frame streaming and the parallel forward keep.
 """
 
 from __future__ import annotations
 
 import torch
 from moshi.models.lm import _delay_sequence, _undelay_sequence
+
+from ttt_speech.errors import ConfigError
 
 STREAMS = ["text"] + [f"audio{k}" for k in range(8)]
 
@@ -45,6 +49,12 @@ def frame_nll(model, codes: torch.Tensor, mode: str = "streaming", step: int = 1
         return torch.cat([_nll(out.text_logits, codes[:, :1], out.text_mask), audio], dim=1)
     if mode != "streaming":
         raise ValueError(f"mode must be 'parallel' or 'streaming', got {mode!r}")
+    contexts = [layer.self_attn.context for layer in model.transformer.layers if layer.self_attn.context is not None]
+    if step > 1 and contexts and T > min(contexts):
+        raise ConfigError(
+            f"streaming step {step} on {T} frames: the attention context is {min(contexts)} frames, and moshi's ring "
+            f"KV cache holds exactly that many keys, so a multi-frame call would drop keys its first frames need; "
+            f"use step 1 (as LMGen) or mode 'parallel' (equal NLL)")
     initial = model._get_initial_token().expand(B, -1, -1)
     delayed = torch.cat([initial, _delay_sequence(model.delays, codes, initial)], dim=2)
     outs = []
