@@ -477,6 +477,20 @@ def test_default_layers_are_the_recall_preset_and_reference_fields_give_the_refe
                                ttt_eta_schedule="mean", ttt_centre=False)
     assert reference.ttt_config(64, 4, 0.1) == TTTConfig.reference(64, 4, mini_batch_size=64, initializer_range=0.1)
 
+
+def test_a_config_saved_before_the_layer_options_keeps_its_meaning() -> None:
+    # what write_to saved before the options existed: every field of that time (share_qk off, the model's heads)
+    saved = {"use_ttt": True, "ttt_layers": None, "ttt_layer_type": "linear", "ttt_mode": "replace",
+             "ttt_mini_batch_size": 64, "ttt_base_lr": 1.0, "ttt_num_heads": None, "ttt_use_gate": False,
+             "ttt_share_qk": False, "ttt_rope_theta": 10000.0, "ttt_gate_init": 0.1, "ttt_initializer_range": None,
+             "ttt_check_finite": True}
+    old = LlamaTTTConfig.from_config(LlamaConfig(**saved))
+    assert old.ttt_config(64, 4, 0.1) == TTTConfig.reference(64, 4, mini_batch_size=64, initializer_range=0.1)
+    # a config written by hand with a few fields gets today's defaults; one that names an option keeps it
+    assert LlamaTTTConfig.from_config(LlamaConfig(use_ttt=True)).ttt_config(64, 4, 0.1) == \
+        TTTConfig.recall(64, 1, mini_batch_size=64, initializer_range=0.1)
+    assert LlamaTTTConfig.from_config(LlamaConfig(**saved, ttt_qk_norm="l2")).ttt_centre is True
+
 # every option on (conv_size needs share_qk off); the default config is the recall preset
 LAYER_OPTIONS = dict(ttt_share_qk=False, ttt_pre_conv=True, ttt_qk_norm="l2", ttt_conv_size=3, ttt_use_rope=False,
                      ttt_eta_schedule="sum", ttt_centre=True)

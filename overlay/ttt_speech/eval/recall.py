@@ -21,7 +21,8 @@ data order per seed:
 - full: unlimited attention (the oracle);
 - inplace: window + In-Place TTT with Moshi's default conv (centred, kernel 5) and target `target`;
 - inplace_next: window + In-Place TTT with the next-token conv (kernel 2);
-- ttt_linear, ttt_mlp: window + the gated TTT-Linear / TTT-MLP block.
+- ttt_linear, ttt_mlp: window + the gated TTT-Linear / TTT-MLP block with ttt-lm-pytorch's layer options (the
+  reference preset; the recall preset is `scripts/ablate_ttt_block.py`'s).
 
 Statistics (`summarize`): per variant and seed the mean copy NLL over the same evaluation sequences; across seeds
 the mean with a Student-t 95% CI. Paired against the window model: per seed, the difference of the two means (same
@@ -145,7 +146,10 @@ class RecallConfig:
         if variant in ("ttt_linear", "ttt_mlp"):
             return MoshiTTTConfig(kind="block", layers=layers, ttt_layer_type=variant.removeprefix("ttt_"),
                                   ttt_mini_batch_size=self.chunk, ttt_num_heads=self.num_heads,
-                                  ttt_base_lr=self.block_base_lr, gate_init=self.block_gate_init)
+                                  ttt_base_lr=self.block_base_lr, gate_init=self.block_gate_init,
+                                  # ttt-lm-pytorch's layer (the reference preset), as these runs were made; the
+                                  # block's recall preset is the ablation's (scripts/ablate_ttt_block.py)
+                                  ttt_share_qk=False, ttt_options={})
         raise ValueError(f"unknown recall variant {variant!r}; known: {', '.join(VARIANTS)}")
 
     def to_dict(self) -> dict[str, Any]:

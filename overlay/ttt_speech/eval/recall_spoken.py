@@ -125,7 +125,10 @@ class SpokenRecallConfig:
         if variant in ("ttt_linear", "ttt_mlp"):
             return MoshiTTTConfig(kind="block", layers=layers, ttt_layer_type=variant.removeprefix("ttt_"),
                                   ttt_mini_batch_size=self.chunk, ttt_base_lr=self.block_base_lr,
-                                  gate_init=self.block_gate_init)
+                                  gate_init=self.block_gate_init,
+                                  # ttt-lm-pytorch's layer with the model's heads (the reference preset), as these
+                                  # runs were made; the block's recall preset is the ablation's
+                                  ttt_num_heads=None, ttt_share_qk=False, ttt_options={})
         raise ValueError(f"unknown spoken-recall variant {variant!r}; known: {', '.join(VARIANTS)}")
 
     def to_dict(self) -> dict[str, Any]:

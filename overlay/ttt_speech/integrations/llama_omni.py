@@ -52,6 +52,16 @@ def _is_ttt_key(key: str) -> bool:
     return bool(_TTT_KEY.search(key)) and ".lora_" not in key
 
 
+# config.json as LlamaTTTConfig.write_to saved it before the layer options existed: every field of that time, none
+# of the option fields. Such a config meant ttt-lm-pytorch's layer, whatever the option defaults are now.
+_SAVED_BEFORE_OPTIONS = {"use_ttt", "ttt_layers", "ttt_layer_type", "ttt_mode", "ttt_mini_batch_size", "ttt_base_lr",
+                         "ttt_num_heads", "ttt_use_gate", "ttt_share_qk", "ttt_rope_theta", "ttt_gate_init",
+                         "ttt_initializer_range", "ttt_check_finite"}
+_OPTIONS_BEFORE = {"ttt_pre_conv": False, "ttt_conv_kernel": 4, "ttt_qk_norm": "none", "ttt_conv_size": 0,
+                   "ttt_use_rope": True, "ttt_eta_schedule": "mean", "ttt_centre": False}
+_OPTION_FIELDS = set(_OPTIONS_BEFORE)
+
+
 @dataclasses.dataclass
 class LlamaTTTConfig:
     """The TTT fields of a Llama / LLaMA-Omni config (saved in config.json under these names).
@@ -116,12 +126,16 @@ class LlamaTTTConfig:
     @classmethod
     def from_config(cls, config: Any) -> LlamaTTTConfig:
         """Read `use_ttt` and the `ttt_*` attributes of a transformers config; an unknown `ttt_*` attribute (a typo)
-        is an error."""
+        is an error. A config saved before the layer options existed (it lists every field of that time and none of
+        the options) keeps its meaning: ttt-lm-pytorch's layer options, not the recall preset's defaults."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in vars(config) if k.startswith("ttt_") and k not in names)
         if unknown:
             raise ValueError(f"unknown TTT config keys {unknown}; known: {sorted(names)}")
-        return cls(**{n: getattr(config, n) for n in names if hasattr(config, n)})
+        values = {n: getattr(config, n) for n in names if hasattr(config, n)}
+        if _SAVED_BEFORE_OPTIONS <= values.keys() and not _OPTION_FIELDS & values.keys():
+            values.update(_OPTIONS_BEFORE)
+        return cls(**values)
 
     def write_to(self, config: Any) -> None:
         """Set every field on `config`, so config.json records the resolved values."""
