@@ -478,6 +478,15 @@ def test_default_layers_are_the_recall_preset_and_reference_fields_give_the_refe
     assert reference.ttt_config(64, 4, 0.1) == TTTConfig.reference(64, 4, mini_batch_size=64, initializer_range=0.1)
 
 
+@pytest.mark.parametrize("cache", ["static", "quantized"])
+def test_generate_refuses_caches_without_room_for_the_ttt_state(cache: str) -> None:
+    model = make_model("gated_residual")
+    assert type(model)._supports_static_cache  # Llama itself supports it; TTT turns it off
+    with pytest.raises(ValueError, match="does not support"):
+        model.generate(ids(1, 4), attention_mask=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2,
+                       cache_implementation=cache)
+
+
 def test_a_config_saved_before_the_layer_options_keeps_its_meaning() -> None:
     # what write_to saved before the options existed: every field of that time (share_qk off, the model's heads)
     saved = {"use_ttt": True, "ttt_layers": None, "ttt_layer_type": "linear", "ttt_mode": "replace",

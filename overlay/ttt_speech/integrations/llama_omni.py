@@ -524,7 +524,8 @@ def apply_ttt(model: nn.Module, config: Any = None) -> nn.Module:
     Called by the patched `OmniSpeechLlamaForCausalLM.__init__` before `post_init()`; works on any transformers
     4.43 Llama causal LM. New modules take the dtype and device of their layer; the resolved TTT fields are written
     back to `config` (so `save_pretrained` records them); `model._init_weights` is wrapped so that transformers'
-    init re-runs the TTT modules' own init; `load_state_dict` checks TTT keys by name.
+    init re-runs the TTT modules' own init; `load_state_dict` checks TTT keys by name; `generate` refuses
+    `cache_implementation="static"` / `"quantized"` (they have no room for the TTT state).
 
     Raises:
         ValueError: `use_ttt` is not set, TTT is already installed, or a field is invalid.
@@ -557,6 +558,9 @@ def apply_ttt(model: nn.Module, config: Any = None) -> nn.Module:
     if config is not model.config:
         cfg.write_to(model.config)
     model.ttt_config = cfg
+    # the TTT state lives in TTTDynamicCache: transformers refuses its static and quantized caches up front
+    model._supports_static_cache = False
+    model._supports_quantized_cache = False
     model._init_weights = functools.partial(_init_weights_with_ttt, type(model)._init_weights.__get__(model))
     model.register_load_state_dict_post_hook(_check_ttt_load)
     return model
