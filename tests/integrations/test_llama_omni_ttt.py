@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
 
 from ttt_speech.integrations.llama_omni import (
     ConversationSession,
@@ -252,8 +252,9 @@ def test_fp16_and_bf16_models_keep_fp32_ttt_state() -> None:
 
 def test_unsupported_caches_and_legacy_continuations_are_refused() -> None:
     model = make_model("replace")
-    with pytest.raises(ValueError, match="TTT layer 0: past_key_values must be a DynamicCache"):
-        model.generate(ids(1, 5), max_new_tokens=2, cache_implementation="static")
+    # generate refuses a static cache up front (test_generate_refuses_caches_...); a forward given one, here
+    with pytest.raises(ValueError, match="TTT layer 0: past_key_values must be a DynamicCache"), torch.no_grad():
+        model(ids(1, 5), past_key_values=StaticCache(model.config, 1, 8, "cpu", torch.float32), use_cache=True)
     with torch.no_grad():
         legacy = model(ids(1, 5), use_cache=True).past_key_values  # tuples: KV of layers 1 and 3 only
         assert isinstance(legacy, tuple) and len(legacy) == 2
