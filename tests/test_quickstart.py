@@ -18,7 +18,7 @@ def test_quickstart_pipeline_end_to_end(tmp_path: Path) -> None:
 
     heldout = recall_docs.fixed_documents("heldout")[:8]  # encode only the word banks these and training need
     banks = sorted({(d.voice, d.rate) for d in heldout} | {(recall_docs.VOICES["train"][0], recall_docs.RATES[0])})
-    summary = quickstart.run(out=tmp_path / "qs", steps=6, window=2, eval_max_frames=120, eval_step=8,
+    summary = quickstart.run(out=tmp_path / "qs", steps=6, window=2, eval_max_frames=120, eval_step=1,
                              recall_steps=2, recall_documents=8, recall_banks=banks)
     assert summary["steps"] == 6 and summary["resumed_from_step"] == 3
     on_disk = json.loads((tmp_path / "qs" / "summary.json").read_text())
