@@ -29,13 +29,7 @@ V = 128
 MODES = ["replace", "gated_residual"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the shapes are tiny: a second intra-op thread only adds synchronisation (10x slower on a busy 2-core box)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def llama_config(**kw) -> LlamaConfig:

@@ -16,12 +16,7 @@ V = 128
 MODES = ["replace", "gated_residual"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_model(mode: str = "replace", layers=(0, 2)) -> LlamaTTTForCausalLM:

@@ -31,13 +31,7 @@ SETS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def options_model(name: str = "all", layer_type: str = "linear", mini_batch: int = 4) -> torch.nn.Module:

@@ -29,13 +29,7 @@ OPTION_SETS = {
 CASES = [(name, lt) for name in OPTION_SETS for lt in ("linear", "mlp")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny shapes: a second intra-op thread only adds synchronisation on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_layer(layer_type="linear", seed=0, **kw):

@@ -29,12 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "llama_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(run_dir: Path, *overrides: str) -> TrainConfig:
