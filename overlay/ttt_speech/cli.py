@@ -7,6 +7,10 @@ import os
 import sys
 import warnings
 
+TTT_SPEC_HELP = ("the TTT config a checkpoint must carry (repeatable): a training config (its ttt: block), a TTT "
+                 "config file, from_checkpoint (the default) or none (a base model); a checkpoint whose "
+                 "ttt_config.json differs is an error naming the keys")
+
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
@@ -105,10 +109,7 @@ def _main(argv: list[str] | None) -> int:
     ll.add_argument("--window", type=int, help="frames (default: the reference's attention context)")
     ll.add_argument("--reference", help="checkpoint the others are paired with (default: base, else the first)")
     ll.add_argument("--n-boot", type=int, default=10000, help="cluster-bootstrap replicates")
-    ll.add_argument("--ttt", action="append", metavar="[NAME=]SPEC",
-                    help="the TTT config a checkpoint must carry (repeatable): a training config (its ttt: "
-                    "block), a TTT config file, from_checkpoint (the default) or none (a base model); a checkpoint "
-                    "whose ttt_config.json differs is an error naming the keys")
+    ll.add_argument("--ttt", action="append", metavar="[NAME=]SPEC", help=TTT_SPEC_HELP)
 
     gen = ev.add_parser("generate", help="free-running LMGen for minutes: text/audio entropy and repetition over "
                         "time, base vs TTT with the same seeds (JSON, CSV, PNG)")
@@ -136,10 +137,7 @@ def _main(argv: list[str] | None) -> int:
     gen.add_argument("--top-k-text", type=int, default=25)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    gen.add_argument("--ttt", action="append", metavar="[NAME=]SPEC",
-                     help="the TTT config a checkpoint must carry (repeatable): a training config (its ttt: "
-                     "block), a TTT config file, from_checkpoint (the default) or none (a base model); a checkpoint "
-                     "whose ttt_config.json differs is an error naming the keys")
+    gen.add_argument("--ttt", action="append", metavar="[NAME=]SPEC", help=TTT_SPEC_HELP)
 
     lle = ev.add_parser("llama", help="a llama training run's student vs its teacher (TTT bypassed): perplexity by "
                         "position and the recall test (JSON)")

@@ -6,23 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 from safetensors.torch import save_file
 
 from ttt_speech.cli import main
 from ttt_speech.data.manifest import write_alignments, write_manifest
 from ttt_speech.eval.librilight import paired_line
 from ttt_speech.integrations.moshi import TINY_LM_KWARGS, MoshiTTTConfig, apply_ttt, build_lm, save_ttt_checkpoint
-
-SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples"
-
-
-@pytest.fixture
-def tokenizer() -> Path:
-    path = SAMPLES / "tokenizer.model"
-    if not path.is_file():
-        pytest.fail(f"sample set missing at {SAMPLES}: run `make samples`", pytrace=False)
-    return path
 
 
 def write_wav(path: Path, seconds: float, seed: int) -> Path:

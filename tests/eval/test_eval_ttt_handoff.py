@@ -8,18 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-from test_cli_eval import SAMPLES, tiny_checkpoints, tiny_corpus
+from test_cli_eval import tiny_checkpoints, tiny_corpus
 
 from ttt_speech.cli import main
 from ttt_speech.eval.librilight import parse_ttt_specs
-
-
-@pytest.fixture
-def tokenizer() -> Path:
-    path = SAMPLES / "tokenizer.model"
-    if not path.is_file():
-        pytest.fail(f"sample set missing at {SAMPLES}: run `make samples`", pytrace=False)
-    return path
 
 
 def training_config(path: Path, ttt: str) -> Path:
