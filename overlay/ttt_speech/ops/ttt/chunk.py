@@ -315,6 +315,18 @@ def _pending(lay: _Layout, n: int, g: Tensor) -> Tensor:
     return (lay.xk[n] * lay.e[n]).mT @ g
 
 
+def _input_grads(lay: _Layout, gamma, dgamma2, dc, do_c, dkq, de, dgamma, dbeta, b: int, D: int):
+    """The backward's common tail (TTT-Linear and TTT-MLP): the LN parameters' gradients (accumulated into
+    `dgamma`, `dbeta` in place) and dq, dk, dv, de scattered back to the inputs' layout. `dc` is consumed."""
+    dgamma += 2 * gamma * dgamma2 + (dc * lay.kvb).sum(dim=(0, 2))[:, None]
+    dbeta += (dc * gamma).sum(dim=(0, 2))[:, None]
+    dc *= gamma  # c = gamma * (beta + xk - xv)
+    dq = lay.scatter(do_c + dkq[:, :, b:, :D])
+    dk = lay.scatter(dc + dkq[:, :, :b, :D])
+    dv = lay.scatter(dc.neg_())
+    return dq, dk, dv, lay.scatter(de)[..., 0]
+
+
 class _ChunkLinear(torch.autograd.Function):
     """TTT-Linear dual form with a hand-written backward.
 
@@ -433,13 +445,7 @@ class _ChunkLinear(torch.autograd.Function):
             dtok[-1] -= (acc * dws[0]).sum()
             if 0 in masks:
                 dacc += _masked(dacc_out, masks[0])
-        dgamma += 2 * gamma * dgamma2 + (dc * lay.kvb).sum(dim=(0, 2))[:, None]
-        dbeta += (dc * gamma).sum(dim=(0, 2))[:, None]
-        dc *= gamma  # c = gamma * (beta + xk - xv)
-        dq = lay.scatter(do_c + dkq[:, :, b:, :D])
-        dk = lay.scatter(dc + dkq[:, :, :b, :D])
-        dv = lay.scatter(dc.neg_())
-        de = lay.scatter(de)[..., 0]
+        dq, dk, dv, de = _input_grads(lay, gamma, dgamma2, dc, do_c, dkq, de, dgamma, dbeta, b, D)
         return None, None, dq, dk, dv, de, dtok, dgamma, dbeta, dw, dacc
 
 
@@ -651,13 +657,7 @@ class _ChunkMLP(torch.autograd.Function):
         if acc is not None and 0 in masks:
             for i in range(3):
                 dacc[i] += _masked(da_out[i], masks[0])
-        dgamma += 2 * gamma * dgamma2 + (dc * lay.kvb).sum(dim=(0, 2))[:, None]
-        dbeta += (dc * gamma).sum(dim=(0, 2))[:, None]
-        dc *= gamma  # c = gamma * (beta + xk - xv)
-        dq = lay.scatter(do_c + dkq[:, :, b:, :D])
-        dk = lay.scatter(dc + dkq[:, :, :b, :D])
-        dv = lay.scatter(dc.neg_())
-        de = lay.scatter(de)[..., 0]
+        dq, dk, dv, de = _input_grads(lay, gamma, dgamma2, dc, do_c, dkq, de, dgamma, dbeta, b, D)
         return None, None, dq, dk, dv, de, dtok, dgamma, dbeta, *dst, *(dacc or (None,) * 3)
 
 
