@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ttt_speech.integrations import moshi as moshi_int
+from ttt_speech.integrations.moshi_lm import moshi_location, moshi_version
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "data" / "samples"
@@ -79,8 +80,6 @@ def threads_per_process(threads: int):
 
 def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0, clock: StepClock | None = None) -> float:
     """Patched moshi present; In-Place TTT streaming frame by frame == the parallel forward. Returns max |diff|."""
-    import moshi
-
     moshi_int.check_patched()
     model = moshi_int.build_lm(seed=seed).eval()
     cfg = moshi_int.MoshiTTTConfig(kind="inplace", layers=[0, 2], chunk_size=8, lr=0.3)
@@ -95,7 +94,7 @@ def check_streaming(batch_size: int = 2, frames: int = 48, seed: int = 0, clock:
         with model.streaming(batch_size):
             stepped = torch.cat([model.forward_text(seq[:, :, t:t + 1])[0] for t in range(frames)], dim=1)
     diff = (parallel - stepped).abs().max().item()
-    print(f"[1/6] moshi {moshi.__version__} from {Path(moshi.__file__).parent} (5 patches present); "
+    print(f"[1/6] moshi {moshi_version()} from {moshi_location()} (5 patches present); "
           f"In-Place TTT in layers {cfg.layers}, chunk {cfg.chunk_size}: frame-by-frame streaming vs parallel, "
           f"max |diff| {diff:.1e} (<= 1e-5)" + (f" {clock.lap('1')}" if clock else ""))
     if diff > 1e-5:

@@ -16,9 +16,9 @@ context does not exist yet, and zero tokens) are NaN.
 from __future__ import annotations
 
 import torch
-from moshi.models.lm import _delay_sequence, _undelay_sequence
 
 from ttt_speech.errors import ConfigError
+from ttt_speech.integrations.moshi_lm import delay_codes, undelay_logits
 
 STREAMS = ["text"] + [f"audio{k}" for k in range(8)]
 
@@ -56,7 +56,7 @@ def frame_nll(model, codes: torch.Tensor, mode: str = "streaming", step: int = 1
             f"KV cache holds exactly that many keys, so a multi-frame call would drop keys its first frames need; "
             f"use step 1 (as LMGen) or mode 'parallel' (equal NLL)")
     initial = model._get_initial_token().expand(B, -1, -1)
-    delayed = torch.cat([initial, _delay_sequence(model.delays, codes, initial)], dim=2)
+    delayed = torch.cat([initial, delay_codes(model.delays, codes, initial)], dim=2)
     outs = []
     with model.streaming(B):
         for t in range(0, T, step):
@@ -68,10 +68,10 @@ def frame_nll(model, codes: torch.Tensor, mode: str = "streaming", step: int = 1
         model.forward_depformer_training(delayed[:, :, 1 + t:1 + min(t + depformer_window, T)],
                                          transformer_out[:, t:t + depformer_window])
         for t in range(0, T, depformer_window)], dim=2)
-    audio_logits, audio_mask = _undelay_sequence(model.delays[model.audio_offset:model.audio_offset + model.dep_q],
-                                                 audio_logits, fill_value=float("nan"))
+    audio_logits, audio_mask = undelay_logits(model.delays[model.audio_offset:model.audio_offset + model.dep_q],
+                                              audio_logits)
     audio_mask &= codes[:, model.audio_offset:model.audio_offset + model.dep_q] != model.zero_token_id
-    text_logits, text_mask = _undelay_sequence(model.delays[:1], text_logits, fill_value=float("nan"))
+    text_logits, text_mask = undelay_logits(model.delays[:1], text_logits)
     text_mask &= codes[:, :1] != model.zero_token_id
     audio = _nll(audio_logits, codes[:, model.audio_offset:model.audio_offset + model.dep_q], audio_mask)
     return torch.cat([_nll(text_logits, codes[:, :1], text_mask), audio], dim=1)

@@ -14,6 +14,7 @@ from torch import nn
 from ttt_speech.config import ConfigError
 from ttt_speech.constants import DTYPES
 from ttt_speech.integrations import moshi as moshi_int
+from ttt_speech.integrations.moshi_lm import load_moshi_lm, moshi_7b_lm_kwargs
 from ttt_speech.train.config import LoraConfig, TrainConfig
 
 
@@ -24,9 +25,7 @@ def resolve_lm_kwargs(spec: Any) -> dict[str, Any]:
     if spec == "tiny":
         return moshi_int.tiny_lm_kwargs()
     if spec == "moshi-7b":
-        from moshi.models.loaders import _lm_kwargs
-
-        return dict(_lm_kwargs)
+        return moshi_7b_lm_kwargs()
     path = Path(str(spec))
     if not path.is_file():
         raise ValueError(f"model.lm_kwargs: expected 'tiny', 'moshi-7b', a mapping or a JSON file, got {spec!r}")
@@ -75,9 +74,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, dict
         if ttt_cfg is not None:
             model = moshi_int.load_ttt_lm(cfg.model.checkpoint, ttt_cfg, lm_kwargs, device=device, dtype=dtype)
         else:
-            from moshi.models.loaders import get_moshi_lm
-
-            model = get_moshi_lm(cfg.model.checkpoint, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
+            model = load_moshi_lm(cfg.model.checkpoint, lm_kwargs=lm_kwargs, device=device, dtype=dtype)
     else:
         model = moshi_int.build_lm(lm_kwargs, seed=cfg.seed, device=device, dtype=dtype)
         if ttt_cfg is not None:
