@@ -76,3 +76,18 @@ def test_only_integrations_import_moshi_or_transformers():
     if offenders:
         pytest.fail("moshi/transformers imported outside ttt_speech/integrations/ (move the use behind a function "
                     "in an integrations/ module):\n" + "\n".join(offenders))
+
+
+def test_each_private_moshi_name_is_imported_in_one_module():
+    """A private moshi name (`_lm_kwargs`, `_delay_sequence`, ...) is wrapped in one integrations module, where the
+    docstring says what breaks when upstream renames it; a second importer spreads that risk."""
+    importers: dict[str, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and _top(node.module) == "moshi":
+                for alias in node.names:
+                    if alias.name.startswith("_"):
+                        importers.setdefault(alias.name, []).append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    spread = {name: where for name, where in importers.items() if len(where) > 1}
+    assert not spread, f"private moshi names imported in more than one place (wrap them once): {spread}"
+    assert "_delay_sequence" in importers and "_lm_kwargs" in importers, importers  # the walk sees them
