@@ -33,6 +33,7 @@ from ttt_speech.nn.stats import fast_weight_stats
 from ttt_speech.ops.inplace_ttt import (
     advance_fast_weight,
     check_bounds,
+    chunk_centre,
     chunk_conv1d,
     chunk_inplace_ttt,
     chunk_update_spectrum,
@@ -63,6 +64,9 @@ class InPlaceTTTConfig:
             no decay (the paper).
         max_delta: optional bound on ||W - W0||_F relative to ||W0||_F, applied after every chunk update. None:
             unbounded (the paper).
+        centre_update: remove each chunk's mean from its targets V_i before the update V_i^T Z_i, which then
+            carries no rank-one chunk-mean term C mean(V_i) mean(Z_i)^T (the same update as centring Z_i, or both;
+            `ops.inplace_ttt.chunk_centre`). False: the paper's update.
     """
 
     chunk_size: int = 512
@@ -74,10 +78,14 @@ class InPlaceTTTConfig:
     target_init_std: float = 0.02
     decay: float | None = None
     max_delta: float | None = None
+    centre_update: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.centre_update and self.chunk_size == 1:
+            raise ValueError("centre_update needs chunk_size >= 2: a chunk of one token minus its mean is zero, so "
+                             "every update would be zero")
         if self.conv not in ("centred", "next"):
             raise ValueError(f"conv must be 'centred' or 'next', got {self.conv!r}")
         if self.conv_kernel is None:
@@ -215,12 +223,13 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
                                chunks=torch.zeros(batch_size, dtype=torch.long, device=w0.device))
 
     def targets(self, x0: torch.Tensor, conv_weight: torch.Tensor | None = None) -> torch.Tensor:
-        """V for whole chunks: X0 of shape [B, n*C, D] -> [B, n*C, D] float32 (outside autocast).
-        `conv_weight` [D, K] replaces the conv's weight (the monitor's probe)."""
+        """V for whole chunks: X0 of shape [B, n*C, D] -> [B, n*C, D] float32 (outside autocast), each chunk
+        centred with `centre_update`. `conv_weight` [D, K] replaces the conv's weight (the monitor's probe)."""
         with torch.autocast(x0.device.type, enabled=False):
             weight = self.ttt_conv.weight[:, 0] if conv_weight is None else conv_weight
             conv = chunk_conv1d(x0, weight, self.config.chunk_size, self.config.conv)
-            return conv @ self.ttt_target.weight.float().t()
+            v = conv @ self.ttt_target.weight.float().t()
+            return chunk_centre(v, self.config.chunk_size) if self.config.centre_update else v
 
     def _check_x0(self, x: torch.Tensor, token_embeddings: torch.Tensor | None,
                   input_embeddings: torch.Tensor | None) -> torch.Tensor:

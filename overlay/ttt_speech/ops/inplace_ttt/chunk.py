@@ -88,6 +88,25 @@ def chunk_conv1d(x: torch.Tensor, weight: torch.Tensor, chunk_size: int, mode: s
 
 
 @fp32_no_autocast
+def chunk_centre(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Subtract from each chunk its mean over the chunk's tokens (the chunk-centred update's targets).
+
+    With ``Vc_i = V_i - 1 mean(V_i)^T``, ``Vc_i^T Z_i = V_i^T Zc_i = Vc_i^T Zc_i``: the update
+    ``V_i^T Z_i = Vc_i^T Zc_i + C mean(V_i) mean(Z_i)^T`` loses its rank-one chunk-mean term, whichever side is
+    centred. Centring V is the cheaper side (D <= H) and leaves Z, which the output uses, untouched.
+
+    Args:
+        x: of shape [B, n*C, D].
+    Returns:
+        of shape [B, n*C, D], float32; every chunk sums to zero over its tokens.
+    """
+    _check_chunked(x, chunk_size, "x")
+    B, T, D = x.shape
+    chunks = x.float().reshape(B, T // chunk_size, chunk_size, D)
+    return (chunks - chunks.mean(2, keepdim=True)).reshape(B, T, D)
+
+
+@fp32_no_autocast
 def clip_update(dw: torch.Tensor, tau: float | None) -> torch.Tensor:
     """Scale each update of shape [..., D, H] down to Frobenius norm `tau` where it is larger (None: unchanged)."""
     if tau is None:

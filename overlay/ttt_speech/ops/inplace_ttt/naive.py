@@ -25,6 +25,19 @@ def naive_chunk_conv1d(x: torch.Tensor, weight: torch.Tensor, chunk_size: int, m
 
 
 @fp32_no_autocast
+def naive_chunk_centre(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Reference for `chunk_centre`: each chunk minus the explicit sum of its rows over C."""
+    out = x.float().clone()
+    for start in range(0, x.shape[1], chunk_size):
+        chunk = x[:, start:start + chunk_size].float()
+        total = torch.zeros_like(chunk[:, 0])
+        for t in range(chunk.shape[1]):
+            total += chunk[:, t]
+        out[:, start:start + chunk_size] -= (total / chunk.shape[1])[:, None]
+    return out
+
+
+@fp32_no_autocast
 def naive_chunk_inplace_ttt(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: float, chunk_size: int,
                             clip_tau: float | None = None, decay: float | None = None,
                             max_delta: float | None = None,
