@@ -157,21 +157,25 @@ class TTTConfig:
 class TTTState:
     """Streaming state of one TTT layer; every row is an independent sequence.
 
-    All floating tensors are float32 whatever the model dtype.
+    All floating tensors are float32 whatever the model dtype, and every tensor lives on one device (the position
+    too), so a decode step reads none of it on the host (CUDA-graph capture, see :meth:`TTTBase.forward`).
 
     Args:
         params: fast weights at the current mini-batch anchor: ``W1`` [B, H, D, F], ``b1`` [B, H, 1, F] and, for
             TTT-MLP, ``W2`` [B, H, F, D], ``b2`` [B, H, 1, D] (``F = D`` for TTT-Linear, ``4 * D`` for TTT-MLP).
         grads: ``sum_j eta_j * grad_j`` over the tokens already seen in the current (uncommitted) mini-batch,
             same keys and shapes as ``params``; zero right after a commit.
-        position: of shape [B], int64, on the CPU: tokens each row has seen in its current mini-batch, in
-            ``[0, mini_batch_size)``. Per row, so that a reset row restarts at position 0.
+        position: of shape [B], int64, on the state's device: tokens each row has seen in its current mini-batch,
+            in ``[0, mini_batch_size)``. Per row, so that a reset row restarts at position 0.
         conv_tail: of shape [B, C, conv_kernel - 1], the last ``q_proj`` outputs feeding ``conv_q`` / ``conv_k``
             (``share_qk`` only, else None).
         input_state: the state of the layer's optional input transforms, by name, batch first: ``"pre_conv"``
             [B, C, conv_kernel - 1] (``pre_conv``: the last inputs of its conv), ``"qkv_conv"``
             [B, 3C, conv_size - 1] (``conv_size``: the last q/k/v projections), ``"centre_sum"`` [B, 3C] and
             ``"centre_count"`` [B, 1] (``centre``: running sum of q/k/v and number of tokens). Empty by default.
+
+    The row operations (:meth:`select_rows`, :meth:`where`, :meth:`cat`, :meth:`put_rows`, :meth:`copy_`) act on
+    every tensor alike; indices and masks may be on any device (each tensor takes them to its own).
     """
 
     params: dict[str, Tensor]
@@ -184,17 +188,26 @@ class TTTState:
     def batch_size(self) -> int:
         return self.position.shape[0]
 
-    @staticmethod
-    def _combine(states: Sequence[TTTState], tensor_fn, position_fn) -> TTTState:
-        """A state whose every device tensor is ``tensor_fn([the same tensor of each state])`` and whose position
-        is ``position_fn([positions])``."""
-        first = states[0]
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def _map(self, fn, *others: TTTState) -> TTTState:
+        """A state whose every tensor is ``fn(tensor of self, the same tensor of each of others)``."""
+        def each(get):
+            return fn(get(self), *[get(o) for o in others])
+
         return TTTState(
-            params={n: tensor_fn([s.params[n] for s in states]) for n in first.params},
-            grads={n: tensor_fn([s.grads[n] for s in states]) for n in first.grads},
-            position=position_fn([s.position for s in states]),
-            conv_tail=None if first.conv_tail is None else tensor_fn([s.conv_tail for s in states]),
-            input_state={n: tensor_fn([s.input_state[n] for s in states]) for n in first.input_state},
+            params={n: each(lambda s, n=n: s.params[n]) for n in self.params},
+            grads={n: each(lambda s, n=n: s.grads[n]) for n in self.grads},
+            position=each(lambda s: s.position),
+            conv_tail=None if self.conv_tail is None else each(lambda s: s.conv_tail),
+            input_state={n: each(lambda s, n=n: s.input_state[n]) for n in self.input_state},
         )
 
     def tensors(self) -> list[Tensor]:
@@ -204,36 +217,47 @@ class TTTState:
 
     def detach(self) -> TTTState:
         """The same values cut from the autograd graph (e.g. between truncated-BPTT segments)."""
-        return self._combine([self], lambda ts: ts[0].detach(), lambda ps: ps[0])
+        return self._map(Tensor.detach)
 
-    def index_select(self, idx: Tensor) -> TTTState:
+    def select_rows(self, idx: Tensor) -> TTTState:
         """Rows ``idx`` (of shape [B'], int64) in that order, e.g. to reorder beams; the result owns its memory."""
-        idx_dev = idx.to(next(iter(self.params.values())).device)
-        return self._combine([self], lambda ts: ts[0].index_select(0, idx_dev),
-                             lambda ps: ps[0].index_select(0, idx.cpu()))
+        return self._map(lambda t: t.index_select(0, idx.to(t.device)))
 
-    reorder = index_select
+    index_select = reorder = select_rows
 
     def where(self, mask: Tensor, other: TTTState) -> TTTState:
-        """Rows of ``self`` where ``mask`` (of shape [B], bool) is True, else of ``other``."""
-        B = mask.shape[0]
-        m = mask.to(next(iter(self.params.values())).device)
+        """Rows of ``self`` where ``mask`` (of shape [B], bool) is True, else of ``other`` (same batch size)."""
+        return self._map(lambda a, b: torch.where(_rows(mask, a), a, b.to(a.device)), other)
 
-        def pick(ts: list[Tensor]) -> Tensor:
-            return torch.where(m.view(B, *[1] * (ts[0].dim() - 1)), ts[0], ts[1])
+    def put_rows(self, rows: Tensor, part: TTTState) -> TTTState:
+        """``self`` with rows ``rows`` (of shape [b], int64) replaced by the rows of ``part`` (batch b, any
+        device)."""
+        return self._map(lambda a, p: a.index_copy(0, rows.to(a.device), p.to(device=a.device, dtype=a.dtype)), part)
 
-        return self._combine([self, other], pick, lambda ps: torch.where(mask.cpu(), ps[0], ps[1]))
-
-    def index_copy(self, rows: Tensor, part: TTTState) -> TTTState:
-        """``self`` with rows ``rows`` (of shape [b], int64) replaced by the rows of ``part`` (batch b)."""
-        rows_dev = rows.to(next(iter(self.params.values())).device)
-        return self._combine([self, part], lambda ts: ts[0].index_copy(0, rows_dev, ts[1]),
-                             lambda ps: ps[0].index_copy(0, rows.cpu(), ps[1]))
+    index_copy = put_rows
 
     @staticmethod
     def cat(states: Sequence[TTTState]) -> TTTState:
         """The rows of ``states`` one after the other."""
-        return TTTState._combine(states, torch.cat, torch.cat)
+        if not states:
+            raise ValueError("TTTState.cat needs at least one state")
+        return states[0]._map(lambda *ts: torch.cat(ts), *states[1:])
+
+    def copy_(self, src: TTTState, mask: Tensor | None = None) -> TTTState:
+        """In place: every tensor of ``self`` takes the values of ``src`` (same shapes), only in the rows where
+        ``mask`` (of shape [B], bool) is True when given. The tensors keep their storage, so a captured CUDA graph
+        that reads them sees the new values. Returns ``self``."""
+        def put(a: Tensor, s: Tensor) -> Tensor:
+            s = s.to(a.device)
+            return a.copy_(s if mask is None else torch.where(_rows(mask, a), s, a))
+
+        self._map(put, src)
+        return self
+
+
+def _rows(mask: Tensor, t: Tensor) -> Tensor:
+    """``mask`` [B] on ``t``'s device, shaped to broadcast over the rows of ``t`` [B, ...]."""
+    return mask.to(t.device).view(mask.shape[0], *[1] * (t.dim() - 1))
 
 
 class TTTBase(nn.Module):
@@ -344,7 +368,7 @@ class TTTBase(nn.Module):
         return TTTState(
             params=params,
             grads={n: torch.zeros(t.shape, dtype=torch.float32, device=device) for n, t in params.items()},
-            position=torch.zeros(batch_size, dtype=torch.int64),
+            position=torch.zeros(batch_size, dtype=torch.int64, device=device),
             conv_tail=self._zero_conv_tail(batch_size, device),
             input_state={n: torch.zeros(shape, device=device) for n, shape in self._input_state_shapes(batch_size)},
         )
@@ -372,9 +396,8 @@ class TTTBase(nn.Module):
         B = state.batch_size
         if mask.shape != (B,) or mask.dtype != torch.bool:
             raise ValueError(f"mask must be [{B}] bool, got {list(mask.shape)} {mask.dtype}")
-        device = next(iter(state.params.values())).device
-        self._check_state(state, B, device)
-        return self.init_state(B, device).where(mask, state)
+        self._check_state(state, B, state.device)
+        return self.init_state(B, state.device).where(mask, state)
 
     def forward(self, hidden_states: Tensor, state: TTTState | None = None) -> tuple[Tensor, TTTState]:
         """Run the layer on ``hidden_states`` (of shape [B, T, C]) from ``state`` (None: :meth:`init_state`).
@@ -523,7 +546,7 @@ class TTTBase(nn.Module):
                 raise ValueError(f"state.{field_name} must hold {sorted(expected)}, got {sorted(tensors)}")
             for name, shape in expected.items():
                 _check_tensor(f"state.{field_name}[{name!r}]", tensors[name], shape, torch.float32, device)
-        _check_tensor("state.position", state.position, (B,), torch.int64, torch.device("cpu"))
+        _check_tensor("state.position", state.position, (B,), torch.int64, device)
         if bool((state.position < 0).any() or (state.position >= self.mini_batch_size).any()):
             raise ValueError(f"state.position must be in [0, {self.mini_batch_size}), got {state.position.tolist()}")
         if self.config.share_qk:
