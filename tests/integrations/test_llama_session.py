@@ -98,3 +98,13 @@ def test_a_file_that_does_not_fit_the_model_is_refused(tmp_path: Path) -> None:
     session.conversation_ids = ["../etc"]
     with pytest.raises(ValueError, match="conversation id '../etc': only letters"):
         save_session(session, tmp_path)
+
+
+def test_the_old_llama_session_module_re_exports_the_package_functions() -> None:
+    from ttt_speech.integrations import llama_omni, llama_session
+    from ttt_speech.integrations.llama_omni import session
+
+    for name in ("compact_kv", "load_conversation", "load_session", "save_conversation", "save_session", "FORMAT"):
+        assert getattr(llama_session, name) is getattr(session, name)
+    for name in llama_omni.__all__:
+        assert getattr(llama_omni, name) is not None, name
