@@ -565,7 +565,7 @@ config_case("optim.lr 0 with a staged lr", r"stages\[0\]\.lr: .*optim\.lr = 0", 
             "--stages=[{duration_sec: 1.2, steps: 2, lr: 1e-3}]")
 config_case('ttt.chunk_size "8"', r"ttt\.chunk_size must be an integer, got '8'", '--ttt.chunk_size="8"')
 config_case("ttt.chunk_size 8.5", r"ttt\.chunk_size must be an integer, got 8\.5", "--ttt.chunk_size=8.5")
-config_case("ttt.layers 0,2", r"ttt\.layers must be list or None, got '0,2'", "--ttt.layers=0,2")
+config_case("ttt.layers 0,2", r"ttt\.layers must be a list or null, got '0,2'", "--ttt.layers=0,2")
 config_case("ttt typo key", r"unknown key ttt\.chunk_sise", "--ttt.chunk_sise=8")
 config_case("unknown top-level key", r"unknown key max_step;", "--max_step=3")
 

@@ -26,41 +26,39 @@ def _w(where: str) -> str:
     return f"{where}: " if where else ""
 
 
+class _Mismatch(ConfigError):
+    """The value at `key` itself has the wrong type or value (as opposed to a nested key or a check failing):
+    a Union reports these by what it expected, and the others with their own message."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
 def _check(value: Any, tp: Any, key: str, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check(value, arg, key, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{_w(where)}{key} must be {_name(tp)}, got {value!r}")
+        return _check_union(value, tp, key, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{_w(where)}{key} must be a mapping ({tp.__name__}), got {value!r}")
+            raise _Mismatch(f"{_w(where)}{key} must be a mapping ({tp.__name__}), got {value!r}", key)
         return from_dict(tp, value, where, prefix=f"{key}.")
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{_w(where)}{key} must be a list, got {value!r}")
+            raise _Mismatch(f"{_w(where)}{key} must be a list, got {value!r}", key)
         (item,) = typing.get_args(tp) or (Any,)
         return [_check(v, item, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{_w(where)}{key} must be a mapping, got {value!r}")
+            raise _Mismatch(f"{_w(where)}{key} must be a mapping, got {value!r}", key)
         return dict(value)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{_w(where)}{key} must be one of {list(typing.get_args(tp))}, got {value!r}")
+            raise _Mismatch(f"{_w(where)}{key} must be one of {list(typing.get_args(tp))}, got {value!r}", key)
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
@@ -69,17 +67,61 @@ def _check(value: Any, tp: Any, key: str, where: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{_w(where)}{key} must be a number, got {value!r}")
+            raise _Mismatch(f"{_w(where)}{key} must be a number, got {value!r}", key)
         return float(value)
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{_w(where)}{key} must be an integer, got {value!r}")
+        raise _Mismatch(f"{_w(where)}{key} must be an integer, got {value!r}", key)
     if tp in (str, bool) and not isinstance(value, tp):
-        raise ConfigError(f"{_w(where)}{key} must be {tp.__name__}, got {value!r}")
+        raise _Mismatch(f"{_w(where)}{key} must be {tp.__name__}, got {value!r}", key)
     return value
 
 
+def _check_union(value: Any, tp: Any, key: str, where: str) -> Any:
+    """The first member of `tp` that `value` fits. When none does, an alternative that failed deeper than `key`
+    itself (a nested key: `ttt.chunk_sise`, `ttt.layers[1]`; or a dataclass's own check) is the reason: its
+    message is raised (all of them, each with its alternative, when several did); otherwise the message lists
+    what `key` may be."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    failures = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _check(value, arg, key, where)
+        except ConfigError as e:
+            failures.append((arg, e))
+    deep = [(arg, e) for arg, e in failures if not (isinstance(e, _Mismatch) and e.key == key)]
+    if len(deep) == 1:
+        raise deep[0][1]
+    if deep:
+        reasons = "; ".join(f"as {_describe(arg)}: {str(e).removeprefix(_w(where))}" for arg, e in deep)
+        raise ConfigError(f"{_w(where)}{key} fits none of {_name(tp)}: {reasons}")
+    raise _Mismatch(f"{_w(where)}{key} must be {_name(tp)}, got {value!r}", key)
+
+
+def _describe(tp: Any) -> str:
+    """What a config value of type `tp` looks like, in the words of a YAML user."""
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if origin is dict:
+        return "a mapping"
+    if origin is list:
+        return "a list"
+    names = {float: "a number", int: "an integer", str: "a string", bool: "a boolean (true/false)"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def _name(tp: Any) -> str:
-    return " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in typing.get_args(tp))
+    """The members of Union `tp` described, joined as "A, B or C"."""
+    items = [_describe(a) for a in typing.get_args(tp)]
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", prefix: str = "") -> T:
@@ -100,8 +142,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", prefix:
                           f"{', '.join(prefix + m for m in missing)}")
     try:
         return cls(**kwargs)
-    except ConfigError as e:  # its message names the dotted key already
-        raise ConfigError(f"{_w(where)}{e}") from e
+    except ConfigError as e:  # its message names the dotted key, as a rule; if not, name the section
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{_w(where)}{section + ': ' if section and section not in str(e) else ''}{e}") from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{_w(where)}{prefix.rstrip('.') or cls.__name__}: {e}") from e
 

@@ -140,7 +140,7 @@ def test_a_typo_or_wrong_type_under_ttt_stops_submit_before_anything_is_queued(t
     run = tmp_path / "run"
     for override, message in (("--ttt.chunk_sise=8", r"unknown key ttt\.chunk_sise"),
                               ("--ttt.lr=fast", r"ttt\.lr must be a number, got 'fast'"),
-                              ("--ttt.layers=[0, x]", r"ttt\.layers must be list or None, got \[0, 'x'\]"),
+                              ("--ttt.layers=[0, x]", r"ttt\.layers\[1\] must be an integer, got 'x'"),
                               ("--ttt.conv=left", r"conv must be 'centred' or 'next'")):
         with pytest.raises(ConfigError, match=message):
             submit(str(TINY), [f"--run_dir={run}", override], SlurmConfig(cluster="local"))

@@ -257,7 +257,7 @@ def test_a_checkpoint_of_another_shape_names_the_file_and_keys(base_run, tmp_pat
     (["--optim.lr=0", "--optim.ttt_lr=0"], r"no parameter would train"),
     (['--ttt.chunk_size="8"'], r"ttt\.chunk_size must be an integer, got '8'"),
     (["--ttt.chunk_size=8.5"], r"ttt\.chunk_size must be an integer, got 8\.5"),
-    (["--ttt.layers=0,2"], r"ttt\.layers must be list or None, got '0,2'"),
+    (["--ttt.layers=0,2"], r"ttt\.layers must be a list or null, got '0,2'"),
     (["--ttt.chunk_sise=8"], r"unknown key ttt\.chunk_sise; MoshiTTTConfig has .*\bkind, layers\b"),
     (["--ttt.kind=blocks"], r"ttt\.kind must be 'inplace' or 'block'"),
 ])

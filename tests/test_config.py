@@ -1,0 +1,99 @@
+"""ttt_speech/config.py: a value that fits no member of a Union is reported with the reason, not just the types.
+
+An alternative that failed deeper than the key itself (a typo'd nested key, a wrong list item, a dataclass's own
+check) is the message; otherwise the message lists what the key may be, Literal values spelled out."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Literal
+
+import pytest
+import yaml
+
+from ttt_speech.config import from_dict, load_config
+from ttt_speech.errors import ConfigError
+from ttt_speech.train.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+@dataclasses.dataclass
+class Inner:
+    size: int = 1
+    rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"size must be >= 1, got {self.size}")
+
+
+@dataclasses.dataclass
+class Other:
+    name: str = "x"
+
+
+@dataclasses.dataclass
+class Outer:
+    inner: Inner | Literal["auto"] | None = None
+    layers: list[int] | None = None
+    either: Inner | Other | None = None
+    lr: float | None = None
+
+
+@pytest.mark.parametrize("data, message", [
+    # the nested typo / wrong type / check is the reason, named by its dotted key (was: "inner must be Inner or
+    # Literal or None, got {...}")
+    ({"inner": {"sise": 2}}, r"^cfg\.yaml: unknown key inner\.sise; Inner has size, rate$"),
+    ({"inner": {"rate": "fast"}}, r"^cfg\.yaml: inner\.rate must be a number, got 'fast'$"),
+    ({"inner": {"size": 0}}, r"^cfg\.yaml: inner: size must be >= 1, got 0$"),
+    ({"layers": [0, "x"]}, r"^cfg\.yaml: layers\[1\] must be an integer, got 'x'$"),
+    # the value matches no alternative's shape: what the key may be, Literal values spelled out
+    ({"inner": "autp"}, r"^cfg\.yaml: inner must be a mapping \(Inner\), 'auto' or null, got 'autp'$"),
+    ({"inner": [1]}, r"^cfg\.yaml: inner must be a mapping \(Inner\), 'auto' or null, got \[1\]$"),
+    ({"layers": "0,2"}, r"^cfg\.yaml: layers must be a list or null, got '0,2'$"),
+    ({"lr": "fast"}, r"^cfg\.yaml: lr must be a number or null, got 'fast'$"),
+    # several alternatives failed deeper: each reason, with its alternative
+    ({"either": {"size": 2, "name": "y"}},
+     r"^cfg\.yaml: either fits none of a mapping \(Inner\), a mapping \(Other\) or null: as a mapping \(Inner\): "
+     r"unknown key either\.name; Inner has size, rate; as a mapping \(Other\): unknown key either\.size; "
+     r"Other has name$"),
+])
+def test_union_errors_give_the_reason(data, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(Outer, data, where="cfg.yaml")
+
+
+def test_union_members_still_parse():
+    cfg = from_dict(Outer, {"inner": {"size": 2, "rate": "1e-3"}, "layers": [0, 2], "either": {"name": "y"},
+                            "lr": "2e-6"}, where="cfg.yaml")
+    assert cfg.inner == Inner(2, 1e-3) and cfg.layers == [0, 2] and cfg.either == Other("y") and cfg.lr == 2e-6
+    assert from_dict(Outer, {"inner": "auto", "layers": None}).inner == "auto"
+
+
+def _tiny_with(tmp_path: Path, **top) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data.update(run_dir=str(tmp_path / "run"), **top)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_ttt_typo_named_by_check_and_submit(tmp_path, capsys):
+    """`ttt: {chunk_sise: 8}` in the file: `ttt-speech finetune CONFIG --check` and `submit()` both stop naming
+    `ttt.chunk_sise`, before a run folder or a job exists; a ttt: that is no mapping lists what ttt may be."""
+    from ttt_speech.cli import main
+    from ttt_speech.launch.submit import SlurmConfig, submit
+
+    config = _tiny_with(tmp_path, ttt={"kind": "inplace", "chunk_sise": 8})
+    assert main(["finetune", str(config), "--check"]) == 2
+    assert f"error: {config}: unknown key ttt.chunk_sise;" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"unknown key ttt\.chunk_sise"):
+        submit(str(config), [], SlurmConfig(cluster="local"))
+    config = _tiny_with(tmp_path, ttt="from_chekpoint")
+    with pytest.raises(ConfigError, match=r"ttt must be a mapping, 'from_checkpoint' or null, got 'from_chekpoint'"):
+        submit(str(config), [], SlurmConfig(cluster="local"))
+    assert not (tmp_path / "run").exists()
+    assert load_config(TrainConfig, _tiny_with(tmp_path)).ttt["chunk_size"] == 8  # the file itself is fine
