@@ -61,6 +61,7 @@ class Upstream:
     patches: Path
     dist: str
     source: dict
+    extra_requirements: Path | None = None  # pinned packages installed --no-deps beside the checkout
 
     @property
     def pin(self) -> str:
@@ -104,7 +105,9 @@ def load_lock(path: Path, root: Path) -> list[Upstream]:
         missing = [k for k in need if k not in source]
         if missing:
             raise UpstreamError(f"{path}: [{name}.source] lacks {', '.join(missing)}")
-        upstreams.append(Upstream(name, root / entry["patches"], entry["dist"], source))
+        extra = entry.get("extra_requirements")
+        upstreams.append(Upstream(name, root / entry["patches"], entry["dist"], source,
+                                  root / extra if extra else None))
     return upstreams
 
 
@@ -419,12 +422,52 @@ def installed_from(dist: str) -> str | None:
 def install(up: Upstream, repo: Path) -> str:
     where = installed_from(up.dist)
     if where and Path(where).resolve() == repo.resolve():
-        return "already installed"
+        done = "already installed"
+    else:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                               "--no-deps", "--no-build-isolation", "-e", str(repo)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise UpstreamError(f"{up.name}: pip install -e {repo} failed:\n{proc.stderr.strip()}")
+        done = f"installed editable (--no-deps) into {sys.prefix}"
+    if up.extra_requirements is not None:
+        done += "; " + install_extras(up)
+    return done
+
+
+def missing_requirements(path: Path) -> list[str]:
+    """The `name==version` lines of a requirements file that the running environment lacks at that version."""
+    from importlib import metadata
+
+    if not path.is_file():
+        raise UpstreamError(f"{path}: no such requirements file (named by extra_requirements in the lock)")
+    missing = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"([A-Za-z0-9._-]+)==([A-Za-z0-9.+!_-]+)", line)
+        if m is None:
+            raise UpstreamError(f"{path}:{lineno}: expected a pinned `name==version`, got {line!r}")
+        try:
+            have = metadata.version(m[1])
+        except metadata.PackageNotFoundError:
+            have = None
+        if have != m[2]:
+            missing.append(line)
+    return missing
+
+
+def install_extras(up: Upstream) -> str:
+    """The lock's `extra_requirements` of an upstream, pip-installed with --no-deps when any pin is missing."""
+    path = up.extra_requirements
+    missing = missing_requirements(path)
+    if not missing:
+        return f"{path.name} satisfied"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                           "--no-deps", "--no-build-isolation", "-e", str(repo)], capture_output=True, text=True)
+                           "--no-deps", "--no-build-isolation", "-r", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise UpstreamError(f"{up.name}: pip install -e {repo} failed:\n{proc.stderr.strip()}")
-    return f"installed editable (--no-deps) into {sys.prefix}"
+        raise UpstreamError(f"{up.name}: pip install --no-deps -r {path} failed:\n{proc.stderr.strip()}")
+    return f"installed {path.name} (--no-deps: {', '.join(m.split('==')[0] for m in missing)})"
 
 
 def dirty_message(up: Upstream, repo: Path, paths: Paths) -> str:

@@ -274,7 +274,8 @@ def test_data_files_and_their_errors(tmp_path: Path) -> None:
         read_tokens(str(conv), 32, None)
     conv.write_text(json.dumps([{"id": "s1", "speech": "a.wav", "conversations": [
         {"from": "human", "value": "<speech>\nwhat?"}, {"from": "gpt", "value": "yes"}]}]))
-    with pytest.raises(ConfigError, match=r"sample 0 \(id 's1'\): has speech 'a.wav'; training is text-only"):
+    with pytest.raises(ConfigError, match=r"sample 0 \(id 's1'\): has speech 'a.wav'; training with speech needs "
+                                          r"LLaMA-Omni's model"):
         read_tokens(str(conv), 32, chars)
 
 

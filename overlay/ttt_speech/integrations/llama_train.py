@@ -1,6 +1,8 @@
 """Training-side pieces of the Llama / LLaMA-Omni integration: build the model (tiny random, a config, or a
 checkpoint; transformers' `LlamaForCausalLM` or LLaMA-Omni's patched `OmniSpeechLlamaForCausalLM`), install TTT
-while keeping the teacher's attention, run the teacher (TTT bypassed), export, and load a tokenizer.
+while keeping the teacher's attention, run the teacher (TTT bypassed), LLaMA-Omni's speech input (log-mel features
+as its own dataset makes them, its frozen Whisper encoder and projector placed at the speech positions), export, and
+load a tokenizer.
 
 The teacher of distillation is the same model with TTT bypassed: in `gated_residual` mode the residual TTT branch is
 skipped; in `replace` mode the original attention modules of the TTT layers, kept frozen outside the module tree
@@ -25,6 +27,7 @@ from ttt_speech.integrations.llama_omni import LlamaTTTSelfAttention, apply_ttt,
 from ttt_speech.nn.stats import fast_weight_stats
 
 OMNI_TYPES = ("omni_speech_llama", "omni_speech2s_llama")
+SPEECH_MODULES = ("model.speech_encoder.", "model.speech_projector.")
 TEACHER_ATTR = "_ttt_teacher_attention"
 # a tiny random Llama for CPU tests and the quickstart; init 0.1 so the teacher's next-token distributions are far
 # from uniform and distillation has something to match
@@ -99,7 +102,10 @@ def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: dict[str, Any] | No
         config_cls, model_cls = model_classes(kwargs.get("model_type"))
         config = config_cls(**{k: v for k, v in kwargs.items() if k != "model_type"})
         torch.manual_seed(seed)
-        model = model_cls(config).to(device=device, dtype=dtype)
+        model = model_cls(config)
+        if speech_modules(model):
+            _reload_speech_encoder(model)
+        model = model.to(device=device, dtype=dtype)
     if ttt is not None:
         originals = {i: layer.self_attn for i, layer in enumerate(model.model.layers)}
         model.config.use_ttt = True
@@ -112,6 +118,107 @@ def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: dict[str, Any] | No
                 teacher[idx] = originals[idx].requires_grad_(False)
         object.__setattr__(model, TEACHER_ATTR, teacher)  # not a submodule: out of state dict, FSDP and optimizer
     return model
+
+
+def _reload_speech_encoder(model: nn.Module) -> None:
+    """The Whisper encoder as `whisper.load_model(config.speech_encoder)` gives it: transformers' `post_init` of a
+    randomly initialised model re-initialises every `nn.Linear` in the module tree, Whisper's included."""
+    from omni_speech.model.speech_encoder.builder import build_speech_encoder
+
+    model.get_model().speech_encoder.load_state_dict(build_speech_encoder(model.config).state_dict())
+
+
+class SpeechFrontend:
+    """LLaMA-Omni's speech input for `model` (which has a Whisper speech encoder): 16 kHz mono audio is padded or
+    trimmed to the encoder's window (30 s for Whisper) and turned into `whisper.log_mel_spectrogram` features with
+    the encoder's number of mel bins (128 for large-v3), [frames, n_mels] as LLaMA-Omni's dataset gives them
+    (`speech_lengths` = frames). A clip takes `positions` places in the language model's sequence: the encoder
+    halves the frames, the projector concatenates `speech_encoder_ds_rate` of them (300 for Whisper large-v3 and
+    rate 5).
+
+    Args:
+        model: an `OmniSpeechLlamaForCausalLM` / `OmniSpeech2SLlamaForCausalLM` built with `speech_encoder`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        import whisper
+
+        encoder = model.get_model().speech_encoder
+        self.n_mels = encoder.conv1.in_channels
+        self.encoder_ctx = encoder.positional_embedding.shape[0]
+        self.frames = 2 * self.encoder_ctx  # conv2 has stride 2
+        self.sample_rate = whisper.audio.SAMPLE_RATE
+        self.samples = self.frames * whisper.audio.HOP_LENGTH
+        self.positions = self.encoder_ctx // model.get_model().speech_projector.k
+
+    def mel(self, wav: Tensor) -> Tensor:
+        """Features of shape [frames, n_mels] of a float32 clip of shape [S] at `sample_rate`."""
+        import whisper
+
+        wav = whisper.pad_or_trim(wav.float(), self.samples)
+        return whisper.log_mel_spectrogram(wav, n_mels=self.n_mels).T.contiguous()
+
+
+def speech_frontend(model: nn.Module) -> SpeechFrontend | None:
+    """The model's `SpeechFrontend`, or None when it has no speech encoder (transformers' Llama, or LLaMA-Omni's
+    class without `speech_encoder` in its config)."""
+    if not hasattr(model, "get_model") or getattr(model.get_model(), "speech_encoder", None) is None:
+        return None
+    return SpeechFrontend(model)
+
+
+def speech_features(model: nn.Module, mels: Tensor) -> Tensor:
+    """LLaMA-Omni's `encode_speech` of clips `mels` [S, frames, n_mels] (all of the encoder's full window):
+    [S, positions, hidden]. The Whisper encoder is frozen: nothing of it is kept for the backward."""
+    lengths = torch.full((mels.shape[0],), mels.shape[1], dtype=torch.long, device=mels.device)
+    dtype = next(model.get_model().speech_projector.parameters()).dtype
+    return torch.stack(model.encode_speech(mels.to(dtype), lengths))
+
+
+@contextlib.contextmanager
+def speech_inputs(model: nn.Module, features: Tensor | None, mask: Tensor | None) -> Iterator[None]:
+    """Within: the model's token embeddings [B, T, C] are replaced by `features` [B, T, C] where `mask` [B, T] is
+    set (the speech positions of the batch), so a forward with `input_ids` (any valid id at those positions) sees
+    LLaMA-Omni's speech features there, as its `prepare_inputs_labels_for_speech_and_text` places them. The swap
+    happens inside `embed_tokens`' forward, so it works under FSDP2 and gradient checkpointing. None: no change."""
+    if features is None:
+        yield
+        return
+
+    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return torch.where(mask[..., None], features.to(out.dtype), out)
+
+    handle = model.get_model().embed_tokens.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def write_tiny_whisper(path: Path, *, n_mels: int = 128, n_audio_ctx: int = 40, n_audio_state: int = 32,
+                       seed: int = 0) -> Path:
+    """A tiny random Whisper checkpoint in whisper's own format (`{"dims", "model_state_dict"}`, what
+    `whisper.load_model(path)` reads), for tests and CPU runs: one encoder layer, a window of `2 * n_audio_ctx`
+    mel frames (`n_audio_ctx / 50` s)."""
+    import dataclasses
+
+    import whisper
+
+    dims = whisper.ModelDimensions(n_mels=n_mels, n_audio_ctx=n_audio_ctx, n_audio_state=n_audio_state,
+                                   n_audio_head=2, n_audio_layer=1, n_vocab=64, n_text_ctx=8, n_text_state=16,
+                                   n_text_head=2, n_text_layer=1)
+    torch.manual_seed(seed)
+    model = whisper.Whisper(dims)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"dims": dataclasses.asdict(dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
+def tiny_omni_kwargs(whisper_checkpoint: Path, n_audio_state: int = 32) -> dict[str, Any]:
+    """`model.lm_kwargs` of a tiny random `OmniSpeechLlamaForCausalLM` with a Whisper speech encoder."""
+    return {**TINY, "model_type": "omni_speech_llama", "speech_encoder": str(whisper_checkpoint),
+            "speech_encoder_type": "whisper", "speech_projector_type": "linear", "speech_encoder_ds_rate": 5,
+            "speech_encoder_hidden_size": n_audio_state}
 
 
 @contextlib.contextmanager
@@ -195,11 +302,12 @@ class FinalHidden:
 
 def trainable_names(model: nn.Module, what: str) -> set[str]:
     """Parameter names to train: "ttt" (what TTT added: its projections, inner-loop lr, its own norms `ttt_norm` and
-    `post_norm`, W0, and the residual gates) or "all".
+    `post_norm`, W0, and the residual gates) or "all" (every weight but LLaMA-Omni's Whisper encoder, which stays
+    frozen as in LLaMA-Omni's own training; its speech projector trains with "all" only).
 
     The model's RMSNorms stay frozen under "ttt": the teacher runs through them too, so training them would move
     the teacher that distillation matches (a moving target the student could chase towards flat distributions)."""
-    names = {n for n, _ in model.named_parameters()}
+    names = {n for n, _ in model.named_parameters() if not n.startswith(SPEECH_MODULES[0])}  # Whisper: frozen
     if what == "all":
         return names
     ttt = set(ttt_parameter_names(model))
@@ -209,6 +317,14 @@ def trainable_names(model: nn.Module, what: str) -> set[str]:
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """FSDP2's wrap unit: the decoder layers."""
     return model.model.layers
+
+
+def speech_modules(model: nn.Module) -> list[nn.Module]:
+    """LLaMA-Omni's speech encoder and projector (empty without them): FSDP2 units of their own, since they run
+    outside the model's forward (`speech_features`)."""
+    if not hasattr(model, "get_model") or getattr(model.get_model(), "speech_encoder", None) is None:
+        return []
+    return [model.get_model().speech_encoder, model.get_model().speech_projector]
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -20,7 +20,7 @@ from ttt_speech.integrations.llama_omni import ttt_modules, ttt_parameter_names
 from ttt_speech.train.checkpoint import CheckpointError, list_checkpoints, nonfinite_parameters
 from ttt_speech.train.config import TrainConfig
 from ttt_speech.train.llama_config import stage_seq_len
-from ttt_speech.train.llama_data import IGNORE, build_llama_loader
+from ttt_speech.train.llama_data import IGNORE, SpeechBatch, build_llama_loader
 from ttt_speech.train.model import check_precision
 from ttt_speech.train.parallel import all_mean, barrier
 from ttt_speech.train.resume import truncate_log
@@ -81,6 +81,18 @@ def chunked_losses(h_student: torch.Tensor, h_teacher: torch.Tensor | None, weig
     return sums[0] / (B * T) * temperature ** 2, sums[1] / sums[2].clamp_min(1)
 
 
+def speech_inputs(model, batch: torch.Tensor | SpeechBatch) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor | None]:
+    """(tokens [B, >= 2, T], the speech features placed at their positions [B, T, C] or None, the speech positions
+    [B, T] bool or None) of a batch: LLaMA-Omni's frozen Whisper encoder and its projector run on the batch's clips
+    once, for the student and the teacher alike."""
+    if not isinstance(batch, SpeechBatch):
+        return batch, None, None
+    refs = batch.tokens[:, 2]
+    features = llama_train.speech_features(model, batch.mels)  # [S, positions, C]
+    return batch.tokens, features.flatten(0, 1)[refs.clamp_min(0)], refs >= 0
+
+
 class LlamaFamily:
     metrics = METRICS
 
@@ -92,13 +104,14 @@ class LlamaFamily:
             p.requires_grad_(name in train)
         self.ttt_layers = sorted(llama_train.install_monitor_hooks(model))
         self.vocab_size = model.config.vocab_size
+        self.speech = llama_train.speech_frontend(model)
         self.tokenizer = llama_train.load_tokenizer(cfg.llama.tokenizer) if cfg.llama.tokenizer else None
         self.run_dir = Path(cfg.run_dir)
         if cfg.llama.val_data:  # read and check now, not after the first stage
             longest = max(stage_seq_len(s, cfg) for s in cfg.stage_list())
             build_llama_loader(cfg.llama.val_data, seq_len=longest, batch_size=cfg.batch_size,
                                vocab_size=self.vocab_size, seed=cfg.seed, rank=0, world_size=world,
-                               tokenizer=self.tokenizer, shuffle=False, stream=1)
+                               tokenizer=self.tokenizer, shuffle=False, stream=1, speech=self.speech)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         if not list_checkpoints(self.run_dir) and rank == 0:  # a fresh run: no stale validation or best
             (self.run_dir / "val.csv").unlink(missing_ok=True)
@@ -109,8 +122,8 @@ class LlamaFamily:
         if cfg.parallel == "fsdp2" and world > 1:
             from torch.distributed.fsdp import fully_shard
 
-            for layer in llama_train.decoder_layers(model):
-                fully_shard(layer)
+            for layer in [*llama_train.decoder_layers(model), *llama_train.speech_modules(model)]:
+                fully_shard(layer)  # the speech encoder and projector run outside the model's forward
             fully_shard(model)
         ttt = set(ttt_parameter_names(model))  # optim.ttt_lr; the model's norms (and all, if trained) take optim.lr
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
@@ -128,29 +141,35 @@ class LlamaFamily:
     def loader(self, cfg: TrainConfig, stage, rank: int, world: int, device: torch.device):
         return build_llama_loader(cfg.llama.train_data, seq_len=stage_seq_len(stage, cfg), batch_size=cfg.batch_size,
                                   vocab_size=self.vocab_size, seed=cfg.seed, rank=rank, world_size=world,
-                                  tokenizer=self.tokenizer)
+                                  tokenizer=self.tokenizer, speech=self.speech)
 
-    def loss(self, model, batch: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        ids = batch[:, 0]
+    def loss(self, model, batch: torch.Tensor | SpeechBatch,
+             cfg: TrainConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        batch, speech, at = speech_inputs(model, batch)
+        student_in = llama_train.speech_inputs(model, speech, at)
+        teacher_in = llama_train.speech_inputs(model, None if speech is None else speech.detach(), at)
+        ids = batch[:, 0].clamp_min(0)  # speech positions: any valid id, their embeddings are replaced
         distill = cfg.llama.objective == "distill"
         hidden = distill and cfg.llama.hidden_mse_weight > 0
         nan = torch.tensor(float("nan"), device=ids.device)
         if cfg.llama.loss_chunk:  # lm_head and the losses per slice of the sequence: no [T, V] logits kept
-            with llama_train.FinalHidden(model) as final:
+            with student_in, llama_train.FinalHidden(model) as final:
                 student = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             teacher_h = None
             if distill:
-                with torch.no_grad(), llama_train.ttt_bypassed(model), llama_train.FinalHidden(model) as final_t:
+                with (torch.no_grad(), llama_train.ttt_bypassed(model), teacher_in,
+                      llama_train.FinalHidden(model) as final_t):
                     teacher = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
                 teacher_h = final_t.hidden
             kl, ce = chunked_losses(final.hidden, teacher_h, final.weight(), batch, cfg.llama.temperature,
                                     cfg.llama.loss_chunk)
         else:
-            student = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
+            with student_in:
+                student = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
             total, count = next_token_nll(student.logits, batch)
             ce = total / count.clamp_min(1)
             if distill:
-                with torch.no_grad(), llama_train.ttt_bypassed(model):
+                with torch.no_grad(), llama_train.ttt_bypassed(model), teacher_in:
                     teacher = model(input_ids=ids, use_cache=False, output_hidden_states=hidden)
                 kl = kl_teacher_student(teacher.logits, student.logits, cfg.llama.temperature)
         if not distill:
@@ -163,7 +182,7 @@ class LlamaFamily:
             mse = mse.detach()
         return loss, [kl.detach(), mse, ce.detach()]
 
-    def tokens(self, batch: torch.Tensor) -> int:
+    def tokens(self, batch: torch.Tensor | SpeechBatch) -> int:
         return batch.shape[0] * batch.shape[-1]
 
     @torch.no_grad()
@@ -173,7 +192,7 @@ class LlamaFamily:
         batches of `llama.val_data` per process (in order), windows of `seq_len`; means over every process."""
         loader = build_llama_loader(cfg.llama.val_data, seq_len=seq_len, batch_size=cfg.batch_size,
                                     vocab_size=self.vocab_size, seed=cfg.seed, rank=rank, world_size=world,
-                                    tokenizer=self.tokenizer, shuffle=False, stream=1)
+                                    tokenizer=self.tokenizer, shuffle=False, stream=1, speech=self.speech)
         was_training = model.training
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # student nll, teacher nll, tokens, kl * batches
@@ -191,22 +210,25 @@ class LlamaFamily:
                 "kl": float(sums[3]) / cfg.llama.val_batches}
 
     @staticmethod
-    def _val_sums(model, batch: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _val_sums(model, batch: torch.Tensor | SpeechBatch, chunk: int) -> torch.Tensor:
         """[student NLL sum, teacher NLL sum, labelled tokens, KL mean] of one batch (logits in slices of `chunk`
         positions when > 0)."""
-        ids = batch[:, 0]
+        batch, speech, at = speech_inputs(model, batch)
+        ids = batch[:, 0].clamp_min(0)
         if chunk:
-            with llama_train.FinalHidden(model) as student:
+            with llama_train.speech_inputs(model, speech, at), llama_train.FinalHidden(model) as student:
                 model(input_ids=ids, use_cache=False)
-            with llama_train.ttt_bypassed(model), llama_train.FinalHidden(model) as teacher:
+            with (llama_train.ttt_bypassed(model), llama_train.speech_inputs(model, speech, at),
+                  llama_train.FinalHidden(model) as teacher):
                 model(input_ids=ids, use_cache=False)
             weight = student.weight()
             n = (batch[:, 1, 1:] != IGNORE).sum()
             kl, s_ce = chunked_losses(student.hidden, teacher.hidden, weight, batch, 1.0, chunk)
             _, t_ce = chunked_losses(teacher.hidden, None, weight, batch, 1.0, chunk)
             return torch.stack([s_ce.double() * n, t_ce.double() * n, n.double(), kl.double()])
-        student = model(input_ids=ids, use_cache=False).logits
-        with llama_train.ttt_bypassed(model):
+        with llama_train.speech_inputs(model, speech, at):
+            student = model(input_ids=ids, use_cache=False).logits
+        with llama_train.ttt_bypassed(model), llama_train.speech_inputs(model, speech, at):
             teacher = model(input_ids=ids, use_cache=False).logits
         s_nll, n = next_token_nll(student, batch)
         t_nll, _ = next_token_nll(teacher, batch)
