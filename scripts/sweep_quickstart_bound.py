@@ -12,11 +12,15 @@ slope per log-frame past the window; the summary gives the mean over seeds with 
         --seeds 0 1 2 --variant decay0.9 --ttt.decay=0.9
 
 Base runs are shared by every variant of a seed (they do not see `ttt.*`); finished runs and evals are reused.
+`--paired-with VARIANT` also summarises this variant minus VARIANT per seed (same seeds, same base runs: the
+difference of the two TTT models on the same document). Each seed records the chunk updates' top-direction energy
+share at the last monitored step, per layer (`update_top_share`, from the run's `ttt_stats.csv`).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import time
@@ -34,6 +38,17 @@ def summarise(values: list[float]) -> dict:
     return {"mean": mean, "ci95_half": None if math.isnan(half) else half, "n": n, "values": [float(v) for v in values]}
 
 
+def last_top_share(run_dir: Path) -> dict[str, float]:
+    """The top-direction energy share of the chunk updates at the last monitored step, by layer."""
+    rows = list(csv.DictReader((run_dir / "ttt_stats.csv").open()))
+    last = max(int(r["step"]) for r in rows)
+    return {r["layer"]: float(r["update_top_share"]) for r in rows if int(r["step"]) == last and r["update_top_share"]}
+
+
+def last_bins(report: dict) -> dict[str, float]:
+    return {s: report["checkpoints"]["ttt"]["paired"]["bins"][-1]["streams"][s]["mean"] for s in ("text", "audio")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench/quickstart_bound")
@@ -46,6 +61,8 @@ def main() -> None:
     p.add_argument("--eval-step", type=int, default=1, help="frames per streaming call (moshi's ring KV cache "
                    "makes a step > 1 differ from frame by frame when the window is short)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the quickstart uses torch's default)")
+    p.add_argument("--paired-with", default=None, help="a variant already run on these seeds: summarise this "
+                   "variant minus it, per seed, in the last bin")
     args, overrides = p.parse_known_args()
 
     import torch
@@ -94,7 +111,15 @@ def main() -> None:
             "slope_past_window": {s: paired["slope_past_window"][s]["mean"] for s in ("text", "audio")},
             "base_last_bin": {s: report["checkpoints"]["base"]["bins"][-1]["streams"][s]["mean"]
                               for s in ("text", "audio")},
+            "update_top_share": last_top_share(ttt_dir),
         }
+        if args.paired_with:
+            ref_report = out / args.paired_with / f"seed{seed}" / eval_dir.name / "report.json"
+            if not ref_report.is_file():
+                raise FileNotFoundError(f"--paired-with {args.paired_with}: no eval for seed {seed} at {ref_report}; "
+                                        "run that variant on the same seeds first")
+            ref = last_bins(json.loads(ref_report.read_text()))
+            results[seed]["minus_" + args.paired_with] = {s: results[seed]["bins"][s][-1] - ref[s] for s in ref}
         r = results[seed]
         print(f"seed {seed} {args.variant}: last bin text {r['bins']['text'][-1]:+.3f} audio "
               f"{r['bins']['audio'][-1]:+.3f}; per bin text {[round(x, 3) for x in r['bins']['text']]} audio "
@@ -106,12 +131,21 @@ def main() -> None:
     for stream in ("text", "audio"):
         summary[f"last_bin_{stream}"] = summarise([r["bins"][stream][-1] for r in results.values()])
         summary[f"slope_{stream}"] = summarise([r["slope_past_window"][stream] for r in results.values()])
+    if args.paired_with:
+        summary["paired_with"] = args.paired_with
+        for stream in ("text", "audio"):
+            summary[f"last_bin_{stream}_minus_{args.paired_with}"] = summarise(
+                [r["minus_" + args.paired_with][stream] for r in results.values()])
     name = f"{args.variant}-seeds{'_'.join(map(str, args.seeds))}.json"
     (out / name).write_text(json.dumps(summary, indent=1) + "\n")
     fmt = lambda e: f"{e['mean']:+.3f} +- {e['ci95_half']:.3f}" if e["ci95_half"] is not None else f"{e['mean']:+.3f}"
     print(f"{args.variant} over seeds {args.seeds}: last bin text {fmt(summary['last_bin_text'])}, audio "
           f"{fmt(summary['last_bin_audio'])}; slope text {fmt(summary['slope_text'])}, audio "
           f"{fmt(summary['slope_audio'])} -> {out / name}")
+    if args.paired_with:
+        print(f"  paired, {args.variant} - {args.paired_with}, last bin: text "
+              f"{fmt(summary[f'last_bin_text_minus_{args.paired_with}'])}, audio "
+              f"{fmt(summary[f'last_bin_audio_minus_{args.paired_with}'])}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def test_quickstart_pipeline_end_to_end(tmp_path: Path) -> None:
     report = json.loads(Path(on_disk["eval_report"]).read_text())
     assert set(report["checkpoints"]) == {"base", "ttt"}
     assert report["checkpoints"]["ttt"]["ttt"]["kind"] == "inplace" and report["checkpoints"]["base"]["ttt"] is None
+    # the quickstart's bounded, chunk-centred update (docs/moshi_ttt.md, "Past the training length")
+    assert report["checkpoints"]["ttt"]["ttt"]["decay"] == 0.9 and report["checkpoints"]["ttt"]["ttt"]["centre_update"]
     recall = on_disk["recall"]
     assert recall["n_documents"] == 8 and recall["n_voices"] == 4 and recall["ttt_variant"] == "inplace"
     assert {"window_nll", "ttt_nll", "diff_ci95", "full_nll", "gap_closed", "full_diff_ci95"} <= set(recall)
