@@ -112,6 +112,12 @@ with tempfile.TemporaryDirectory() as d:
     loaded, report = from_pretrained_ttt(OmniSpeechLlamaForCausalLM, d)
     assert report.initialised == [] and sorted(ttt_modules(loaded)) == [0, 2]
     assert all(torch.equal(v, ttt_state_dict(model)[k]) for k, v in ttt_state_dict(loaded).items())
+    # LLaMA-Omni registers its model types with Auto itself; through the hook Auto brings the TTT weights back too
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(d)
+    assert type(auto) is OmniSpeechLlamaForCausalLM and sorted(ttt_modules(auto)) == [0, 2]
+    assert all(torch.equal(v, ttt_state_dict(model)[k]) for k, v in ttt_state_dict(auto).items())
 print("routing ok")
 """
 

@@ -16,6 +16,9 @@ Modules: `config` (the `ttt_*` config fields), `cache` (`TTTDynamicCache`), `lay
 attention replacement and hook, padding kept out of the state), `loading` (`LlamaTTTForCausalLM`, loads with TTT
 keys checked by name), `session` (`ConversationSession`, KV compaction, saved conversations). Every public name is
 importable from the package.
+
+Importing the package registers `LlamaTTTModelConfig` ("llama-ttt") with `AutoConfig` and `LlamaTTTForCausalLM`
+with `AutoModelForCausalLM` (in `loading`), so Auto loads what `LlamaTTTForCausalLM.save_pretrained` wrote.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ if not transformers.__version__.startswith("4.43."):
                    transformers.__version__)
 
 from ttt_speech.integrations.llama_omni.cache import TTTDynamicCache  # noqa: E402
-from ttt_speech.integrations.llama_omni.config import MODES, LlamaTTTConfig  # noqa: E402
+from ttt_speech.integrations.llama_omni.config import MODES, LlamaTTTConfig, LlamaTTTModelConfig  # noqa: E402
 from ttt_speech.integrations.llama_omni.layers import (  # noqa: E402
     LlamaTTTSelfAttention,
     apply_ttt,
@@ -68,6 +71,7 @@ __all__ = [
     "ConversationSession",
     "LlamaTTTConfig",
     "LlamaTTTForCausalLM",
+    "LlamaTTTModelConfig",
     "LlamaTTTSelfAttention",
     "TTTDynamicCache",
     "TTTLoadReport",

@@ -1,9 +1,12 @@
-"""The TTT fields of a Llama / LLaMA-Omni config (`LlamaTTTConfig`), as config.json records them."""
+"""The TTT fields of a Llama / LLaMA-Omni config (`LlamaTTTConfig`), as config.json records them, and the
+transformers config of a Llama with TTT layers (`LlamaTTTModelConfig`, `model_type` "llama-ttt")."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+from transformers import LlamaConfig
 
 from ttt_speech.nn import TTTConfig
 
@@ -130,3 +133,42 @@ class LlamaTTTConfig:
             ),
             check_finite=self.ttt_check_finite,
         )
+
+
+class LlamaTTTModelConfig(LlamaConfig):
+    """The transformers config of `LlamaTTTForCausalLM`: `LlamaConfig` plus the `use_ttt` / `ttt_*` fields of
+    `LlamaTTTConfig`, under its own `model_type` "llama-ttt". Importing `ttt_speech.integrations.llama_omni`
+    registers it with `AutoConfig` (and the model with `AutoModelForCausalLM`), so a folder saved by
+    `save_pretrained` comes back with its TTT layers and weights through Auto; a folder saved as `model_type`
+    "llama" comes back through Auto as a plain `LlamaForCausalLM`, without them.
+
+    The TTT fields are checked on construction (an unknown `ttt_*` key, e.g. a typo in config.json, is an error
+    naming it); fields not given are left unset, so that `LlamaTTTConfig.from_config` still recognises a config
+    saved before the layer options existed. `apply_ttt` writes the resolved values back.
+    """
+
+    model_type = "llama-ttt"
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        cfg = LlamaTTTConfig.from_config(self)
+        if cfg.use_ttt:
+            cfg.layer_indices(self.num_hidden_layers)
+            cfg.ttt_config(self.hidden_size, self.num_attention_heads, self.initializer_range)
+
+    @classmethod
+    def from_llama_config(cls, config: LlamaConfig) -> LlamaTTTModelConfig:
+        """`config` itself if it is one, else a new `LlamaTTTModelConfig` with the same values (the attention
+        implementation transformers picked included)."""
+        if isinstance(config, cls):
+            return config
+        if not isinstance(config, LlamaConfig):
+            raise ValueError(f"a TTT Llama needs a LlamaConfig, got {type(config).__name__}")
+        values = config.to_dict()
+        for key in ("model_type", "transformers_version"):
+            values.pop(key, None)
+        new = cls(**values)
+        for private in ("_attn_implementation_internal", "_commit_hash"):
+            if private in vars(config):
+                setattr(new, private, getattr(config, private))
+        return new

@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 
+from ttt_speech.integrations.llama_omni.config import LlamaTTTModelConfig
 from ttt_speech.integrations.llama_omni.layers import (
     LlamaTTTSelfAttention,
     _is_ttt_key,
@@ -29,13 +30,46 @@ NON_LORA_FILE = "non_lora_trainables.bin"
 
 class LlamaTTTForCausalLM(LlamaForCausalLM):
     """`LlamaForCausalLM` that installs TTT when `config.use_ttt` is set, as the patched LLaMA-Omni class does, so
-    `from_pretrained` / `save_pretrained` carry the TTT fields and weights for a plain Llama checkpoint."""
+    `from_pretrained` / `save_pretrained` carry the TTT fields and weights for a plain Llama checkpoint.
+
+    Its config is a `LlamaTTTModelConfig` (`model_type` "llama-ttt"; a plain `LlamaConfig` given to the constructor
+    is copied into one, so `model.config` is not the object passed), registered with `AutoModelForCausalLM`:
+    `AutoModelForCausalLM.from_pretrained` on a folder it saved returns a `LlamaTTTForCausalLM` with its TTT
+    weights, once `ttt_speech.integrations.llama_omni` is imported (no `trust_remote_code`).
+    """
+
+    config_class = LlamaTTTModelConfig
 
     def __init__(self, config: Any):
+        config = LlamaTTTModelConfig.from_llama_config(config)
         super().__init__(config)
         if getattr(config, "use_ttt", False):
             apply_ttt(self, config)
             self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+        _warn_if_saved_as_llama(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+def _warn_if_saved_as_llama(path: Any) -> None:
+    """A local folder whose config.json says `model_type` "llama" and `use_ttt` loads here with its TTT weights, but
+    not through Auto: say so, and how to fix the folder."""
+    config_file = Path(str(path)) / "config.json"
+    if not config_file.is_file():
+        return
+    raw = json.loads(config_file.read_text())
+    if raw.get("model_type") == "llama" and raw.get("use_ttt"):
+        logger.warning(
+            "%s: config.json has model_type 'llama' with use_ttt (saved by apply_ttt on a LlamaForCausalLM, or before "
+            "model_type 'llama-ttt' existed): loaded here with its TTT weights, but AutoModelForCausalLM would build a "
+            "plain LlamaForCausalLM and drop them. save_pretrained this model (or set \"model_type\": \"llama-ttt\" in "
+            "config.json) to make the folder load through Auto", path)
+
+
+AutoConfig.register(LlamaTTTModelConfig.model_type, LlamaTTTModelConfig)
+AutoModelForCausalLM.register(LlamaTTTModelConfig, LlamaTTTForCausalLM)
 
 
 @dataclasses.dataclass
