@@ -214,8 +214,7 @@ def test_constants_and_front_end_agree_with_llama_omni(tmp_path: Path, whisper_c
 def test_speech_inputs_equal_llama_omnis_own_placement(whisper_ckpt: Path, ttt: dict | None) -> None:
     """Our windows place the encoded clip at its positions through `embed_tokens`; LLaMA-Omni's
     `prepare_inputs_labels_for_speech_and_text` expands its placeholder: the same logits."""
-    from ttt_speech.integrations.llama_train import speech_frontend, speech_inputs
-    from ttt_speech.train.llama import speech_inputs as batch_inputs
+    from ttt_speech.integrations.llama_train import SpeechInputs, speech_frontend
 
     model = omni(whisper_ckpt, ttt).eval()
     front = speech_frontend(model)
@@ -225,14 +224,12 @@ def test_speech_inputs_equal_llama_omnis_own_placement(whisper_ckpt: Path, ttt: 
     before, after = torch.tensor([5, 9, 11]), torch.tensor([7, 3, 2, 8, 1])
     ours = torch.cat([before, torch.full((n,), SPEECH), after])[None]
     refs = torch.where(ours == SPEECH, torch.arange(ours.shape[1]) - 3, -1)
-    batch = SpeechBatch(torch.stack([ours, ours, refs], dim=1), mel[None])
     with torch.no_grad():
-        tokens, features, at = batch_inputs(model, batch)
-        with speech_inputs(model, features, at):
-            mine = model(input_ids=tokens[:, 0].clamp_min(0), use_cache=False).logits
+        with SpeechInputs(model, mel[None], refs).placed():
+            mine = model(input_ids=ours.clamp_min(0), use_cache=False).logits
         theirs = model(input_ids=torch.cat([before, torch.tensor([SPEECH]), after])[None], speech=mel[None],
                        speech_lengths=torch.tensor([mel.shape[0]]), use_cache=False).logits
-        text = model(input_ids=tokens[:, 0].clamp_min(0), use_cache=False).logits
+        text = model(input_ids=ours.clamp_min(0), use_cache=False).logits
     assert mine.shape == theirs.shape and torch.allclose(mine, theirs, atol=1e-5, rtol=0)
     assert (mine - text).abs().max() > 1e-3  # the speech is seen
 
@@ -314,7 +311,7 @@ def test_the_teacher_gets_the_same_speech_inputs(tmp_path: Path, whisper_ckpt: P
     """Gated residual with the gate at 0: the student is the teacher, so the KL is 0 exactly when both see the same
     speech, and not when the teacher's speech positions get the token embeddings instead."""
     from ttt_speech.integrations import llama_train
-    from ttt_speech.train.llama import LlamaFamily, kl_teacher_student, speech_inputs
+    from ttt_speech.train.llama import LlamaFamily, kl_teacher_student
 
     cfg = omni_cfg(tmp_path, whisper_ckpt, "--ttt.mode=gated_residual", "--ttt.gate_init=0.0", "--parallel=none")
     family = LlamaFamily()
@@ -322,11 +319,38 @@ def test_the_teacher_gets_the_same_speech_inputs(tmp_path: Path, whisper_ckpt: P
     batch = next(family.loader(cfg, cfg.stage_list()[0], 0, 1, torch.device("cpu")))
     with torch.no_grad():
         loss, (kl, _, _) = family.loss(model, batch, cfg)
-        tokens, features, at = speech_inputs(model, batch)
-        ids = tokens[:, 0].clamp_min(0)
-        with llama_train.speech_inputs(model, features, at):
+        ids = batch.tokens[:, 0].clamp_min(0)
+        with llama_train.SpeechInputs(model, batch.mels, batch.tokens[:, 2]).placed():
             student = model(input_ids=ids, use_cache=False).logits
         with llama_train.ttt_bypassed(model):
             deaf = model(input_ids=ids, use_cache=False).logits
     assert float(kl) == pytest.approx(0.0, abs=1e-6)
     assert float(kl_teacher_student(deaf, student)) > 1e-4
+
+
+@needs_omni
+@pytest.mark.slow
+def test_speech_with_two_gloo_processes_and_fsdp2_resumes_exactly(tmp_path: Path, whisper_ckpt: Path) -> None:
+    """The Whisper encoder and the projector are FSDP2 units of their own, run inside the model's forward; with
+    trainable: all the projector's gradients are reduced across the processes."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = omni_cfg(tmp_path, whisper_ckpt)  # writes the data and the tokenizer
+    kwargs = json.dumps(cfg.model.lm_kwargs)
+
+    def run(run_dir: Path, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "ttt_speech.cli", "finetune", str(CONFIG), f"--run_dir={run_dir}", f"--model.lm_kwargs={kwargs}",
+               f"--llama.train_data={tmp_path / 'train.json'}", f"--llama.val_data={tmp_path / 'train.json'}",
+               f"--llama.tokenizer={tmp_path / 'sp.model'}", "--llama.seq_len=32", "--batch_size=2",
+               "--max_steps=4", "--export_safetensors=false", "--llama.val_batches=1", "--ttt.mini_batch_size=8",
+               "--llama.objective=finetune", "--llama.trainable=all", "--llama.loss_chunk=16", *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run(tmp_path / "straight")
+    run(tmp_path / "resumed", "--stop_after=2")
+    run(tmp_path / "resumed")
+    assert logged(tmp_path / "resumed") == logged(tmp_path / "straight")  # tolerance: exact

@@ -175,24 +175,43 @@ def speech_features(model: nn.Module, mels: Tensor) -> Tensor:
     return torch.stack(model.encode_speech(mels.to(dtype), lengths))
 
 
-@contextlib.contextmanager
-def speech_inputs(model: nn.Module, features: Tensor | None, mask: Tensor | None) -> Iterator[None]:
-    """Within: the model's token embeddings [B, T, C] are replaced by `features` [B, T, C] where `mask` [B, T] is
-    set (the speech positions of the batch), so a forward with `input_ids` (any valid id at those positions) sees
-    LLaMA-Omni's speech features there, as its `prepare_inputs_labels_for_speech_and_text` places them. The swap
-    happens inside `embed_tokens`' forward, so it works under FSDP2 and gradient checkpointing. None: no change."""
-    if features is None:
-        yield
-        return
+class SpeechInputs:
+    """A batch's speech for the model's forwards: `with speech.placed(): model(input_ids=...)` replaces the token
+    embeddings [B, T, C] at the speech positions (`refs` [B, T] >= 0: frame `refs % positions` of clip
+    `refs // positions` of `mels` [S, frames, n_mels]) by the clips' features, as LLaMA-Omni's
+    `prepare_inputs_labels_for_speech_and_text` places them (any valid id may stand at those positions).
 
-    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        return torch.where(mask[..., None], features.to(out.dtype), out)
+    The clips are encoded inside `embed_tokens`' forward, so the encoder runs within the model's forward (FSDP2's
+    root runs first and its units unshard as usual), once per batch: the teacher's forward (`detach=True`) reuses
+    the student's features; a forward with grad after features made without grad encodes again.
+    """
 
-    handle = model.get_model().embed_tokens.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    def __init__(self, model: nn.Module, mels: Tensor, refs: Tensor) -> None:
+        self.model, self.mels, self.refs = model, mels, refs
+        self._features: Tensor | None = None
+        self._with_grad = False
+
+    def features(self) -> Tensor:
+        """[S, positions, C]."""
+        if self._features is None or (torch.is_grad_enabled() and not self._with_grad):
+            self._features = speech_features(self.model, self.mels)
+            self._with_grad = torch.is_grad_enabled()
+        return self._features
+
+    @contextlib.contextmanager
+    def placed(self, detach: bool = False) -> Iterator[None]:
+        mask = (self.refs >= 0)[..., None]
+
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            features = self.features()
+            features = features.detach() if detach else features
+            return torch.where(mask, features.flatten(0, 1)[self.refs.clamp_min(0)].to(out.dtype), out)
+
+        handle = self.model.get_model().embed_tokens.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 def write_tiny_whisper(path: Path, *, n_mels: int = 128, n_audio_ctx: int = 40, n_audio_state: int = 32,

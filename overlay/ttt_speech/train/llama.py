@@ -4,6 +4,7 @@ decoder layer, token batches, the distillation / fine-tuning loss, validation pe
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -81,16 +82,18 @@ def chunked_losses(h_student: torch.Tensor, h_teacher: torch.Tensor | None, weig
     return sums[0] / (B * T) * temperature ** 2, sums[1] / sums[2].clamp_min(1)
 
 
-def speech_inputs(model, batch: torch.Tensor | SpeechBatch) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                       torch.Tensor | None]:
-    """(tokens [B, >= 2, T], the speech features placed at their positions [B, T, C] or None, the speech positions
-    [B, T] bool or None) of a batch: LLaMA-Omni's frozen Whisper encoder and its projector run on the batch's clips
-    once, for the student and the teacher alike."""
-    if not isinstance(batch, SpeechBatch):
-        return batch, None, None
-    refs = batch.tokens[:, 2]
-    features = llama_train.speech_features(model, batch.mels)  # [S, positions, C]
-    return batch.tokens, features.flatten(0, 1)[refs.clamp_min(0)], refs >= 0
+class _Speech:
+    """A batch's tokens [B, >= 2, T] and, with speech, `placed(detach)`: a context in which the model's forwards
+    see the speech (LLaMA-Omni's frozen Whisper encoder and its projector, run once for the student and the teacher
+    alike); without speech, a context that changes nothing."""
+
+    def __init__(self, model, batch: torch.Tensor | SpeechBatch) -> None:
+        speech = isinstance(batch, SpeechBatch)
+        self.tokens = batch.tokens if speech else batch
+        self.inputs = llama_train.SpeechInputs(model, batch.mels, batch.tokens[:, 2]) if speech else None
+
+    def placed(self, detach: bool = False):
+        return contextlib.nullcontext() if self.inputs is None else self.inputs.placed(detach)
 
 
 class LlamaFamily:
@@ -145,9 +148,9 @@ class LlamaFamily:
 
     def loss(self, model, batch: torch.Tensor | SpeechBatch,
              cfg: TrainConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        batch, speech, at = speech_inputs(model, batch)
-        student_in = llama_train.speech_inputs(model, speech, at)
-        teacher_in = llama_train.speech_inputs(model, None if speech is None else speech.detach(), at)
+        speech = _Speech(model, batch)
+        batch = speech.tokens
+        student_in, teacher_in = speech.placed(), speech.placed(detach=True)  # the teacher: the same speech
         ids = batch[:, 0].clamp_min(0)  # speech positions: any valid id, their embeddings are replaced
         distill = cfg.llama.objective == "distill"
         hidden = distill and cfg.llama.hidden_mse_weight > 0
@@ -213,22 +216,22 @@ class LlamaFamily:
     def _val_sums(model, batch: torch.Tensor | SpeechBatch, chunk: int) -> torch.Tensor:
         """[student NLL sum, teacher NLL sum, labelled tokens, KL mean] of one batch (logits in slices of `chunk`
         positions when > 0)."""
-        batch, speech, at = speech_inputs(model, batch)
+        speech = _Speech(model, batch)
+        batch = speech.tokens
         ids = batch[:, 0].clamp_min(0)
         if chunk:
-            with llama_train.speech_inputs(model, speech, at), llama_train.FinalHidden(model) as student:
+            with speech.placed(), llama_train.FinalHidden(model) as student:
                 model(input_ids=ids, use_cache=False)
-            with (llama_train.ttt_bypassed(model), llama_train.speech_inputs(model, speech, at),
-                  llama_train.FinalHidden(model) as teacher):
+            with llama_train.ttt_bypassed(model), speech.placed(), llama_train.FinalHidden(model) as teacher:
                 model(input_ids=ids, use_cache=False)
             weight = student.weight()
             n = (batch[:, 1, 1:] != IGNORE).sum()
             kl, s_ce = chunked_losses(student.hidden, teacher.hidden, weight, batch, 1.0, chunk)
             _, t_ce = chunked_losses(teacher.hidden, None, weight, batch, 1.0, chunk)
             return torch.stack([s_ce.double() * n, t_ce.double() * n, n.double(), kl.double()])
-        with llama_train.speech_inputs(model, speech, at):
+        with speech.placed():
             student = model(input_ids=ids, use_cache=False).logits
-        with llama_train.ttt_bypassed(model), llama_train.speech_inputs(model, speech, at):
+        with llama_train.ttt_bypassed(model), speech.placed():
             teacher = model(input_ids=ids, use_cache=False).logits
         s_nll, n = next_token_nll(student, batch)
         t_nll, _ = next_token_nll(teacher, batch)
