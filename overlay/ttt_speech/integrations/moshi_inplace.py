@@ -13,18 +13,27 @@ One semantics everywhere: the training forward, a prefill in pieces, and moshi s
 the same outputs. In streaming the tokens of the current, incomplete chunk are buffered (Z and X0) and the update
 is applied when the chunk completes, exactly as in the parallel form.
 
+Streaming makes no host read of a tensor value (no `.item()`, no branch on a tensor), so a CUDA graph can capture
+moshi's step (`LMGen`): each row's chunk position is a device tensor, a frame adds its rank-one share v_s z_s^T to
+an accumulator once its target is final, and the end-of-chunk update (with decay / max_delta / clip_tau) is
+computed at every frame and kept by `torch.where` only in rows whose chunk completes.
+
 Cast points: `linear_in` (Z) runs in the model's dtype or autocast's, as the base model does. Everything after it
 (the target, the update, W0 + dW and the product with Z) runs in float32 with autocast disabled: under bf16, W0 + dW
 would round away an update of relative size 1e-3. The fast weight, its buffers and the stored W0 are float32; the
-output is cast back to the input's dtype.
+output is cast back to the input's dtype. With `split_product` and a low-precision Z (a bf16 model or bf16
+autocast), the product is split instead: Z W0^T exactly as the base model computes it, plus Z (W - W0)^T with the
+float32 delta cast to Z's dtype (`ops.inplace_ttt.split_inplace_ttt`); the update itself stays float32.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from moshi.modules.gating import ActivationGating
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
@@ -35,9 +44,12 @@ from ttt_speech.ops.inplace_ttt import (
     check_bounds,
     chunk_centre,
     chunk_conv1d,
+    chunk_fast_weights,
     chunk_inplace_ttt,
     chunk_update_spectrum,
     spectrum_summary,
+    split_inplace_ttt,
+    split_sum,
 )
 
 TARGET_SOURCES = ("input_embeddings", "token_embeddings", "layer_input")
@@ -67,6 +79,10 @@ class InPlaceTTTConfig:
         centre_update: remove each chunk's mean from its targets V_i before the update V_i^T Z_i, which then
             carries no rank-one chunk-mean term C mean(V_i) mean(Z_i)^T (the same update as centring Z_i, or both;
             `ops.inplace_ttt.chunk_centre`). False: the paper's update.
+        split_product: where Z is bf16/fp16 (a bf16 model or bf16 autocast), compute the output as Z W0^T exactly
+            as the base model does (bit-identical to its `linear_out`) plus Z (W - W0)^T with the float32 delta cast
+            to Z's dtype, added in float32 and rounded once to the output's dtype: the fast path on a GPU. False:
+            the whole product in float32 (Z cast up), as trained so far. float32 Z: no effect either way.
     """
 
     chunk_size: int = 512
@@ -79,6 +95,7 @@ class InPlaceTTTConfig:
     decay: float | None = None
     max_delta: float | None = None
     centre_update: bool = False
+    split_product: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -101,16 +118,24 @@ class InPlaceTTTConfig:
 
 @dataclass
 class InPlaceTTTState(State):
-    """Streaming state, one row per batch element, all float32.
+    """Streaming state, one row per batch element, all float32 but the counters. A step updates every tensor in
+    place by masked arithmetic (no host read, no reallocation), as a CUDA graph replaying the step needs.
 
     Args:
         w: the fast weight W_down at the start of the current chunk, [B, D, H].
-        z_buf: Z of the current chunk's tokens so far, [B, C, H] (the first `pos` rows are valid).
-        x0_buf: X0 of the same tokens, [B, C, D].
+        z_buf: Z of the current chunk's tokens so far, [B, C, H]: the first `pos` rows, zeros after them.
+        x0_buf: X0 of the same tokens, [B, C, D], zeros after them (the conv's zero padding at the chunk's end).
         pos: tokens of the current chunk seen so far, [B] (long).
         w0: the initial fast weight rows return to on reset, [D, H].
         chunks: chunk updates applied to each row since its start or reset, [B] (long).
+        acc: sum of v_s z_s^T over the current chunk's tokens s whose target is final (its conv window is inside
+            the tokens seen: s + right taps < pos), [B, D, H].
+        v_sum: sum of those v_s, [B, D]; z_sum: of those z_s, [B, H] (the centred update's mean term).
+        frames: frames fed to this stream by calls made on the host; an upper bound on every row's frames since
+            its start (replays of a captured CUDA graph do not count: see `graphed`).
+        graphed: whether a step ran under CUDA graph capture.
         warned: whether this stream has already warned about running past the training length.
+        check: reads the counters for that warning at the stream's end and at a reset, outside the step.
     """
 
     w: torch.Tensor
@@ -119,16 +144,26 @@ class InPlaceTTTState(State):
     pos: torch.Tensor
     w0: torch.Tensor
     chunks: torch.Tensor
+    acc: torch.Tensor
+    v_sum: torch.Tensor
+    z_sum: torch.Tensor
+    frames: int = 0
+    graphed: bool = False
     warned: bool = False
+    check: Callable[[InPlaceTTTState], None] | None = None
 
     def reset(self, reset_mask: torch.Tensor) -> None:
+        if self.check is not None:
+            self.check(self)
         super().reset(reset_mask)
         m = reset_mask.to(self.w.device)
-        self.w[m] = self.w0
-        self.z_buf[m] = 0.0
-        self.x0_buf[m] = 0.0
-        self.pos[m] = 0
-        self.chunks[m] = 0
+        self.w.copy_(torch.where(m[:, None, None], self.w0, self.w))
+        for t in (self.z_buf, self.x0_buf, self.acc, self.v_sum, self.z_sum, self.pos, self.chunks):
+            t.masked_fill_(m.view(-1, *[1] * (t.dim() - 1)), 0)
+
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        if exc_type is None and self.check is not None:
+            self.check(self)
 
 
 class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
@@ -220,7 +255,9 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         return InPlaceTTTState(batch_size, w0.device, w=w0.expand(batch_size, D, H).clone(),
                                z_buf=zeros(batch_size, C, H), x0_buf=zeros(batch_size, C, D),
                                pos=torch.zeros(batch_size, dtype=torch.long, device=w0.device), w0=w0,
-                               chunks=torch.zeros(batch_size, dtype=torch.long, device=w0.device))
+                               chunks=torch.zeros(batch_size, dtype=torch.long, device=w0.device),
+                               acc=zeros(batch_size, D, H), v_sum=zeros(batch_size, D), z_sum=zeros(batch_size, H),
+                               check=self._check_stream)
 
     def targets(self, x0: torch.Tensor, conv_weight: torch.Tensor | None = None) -> torch.Tensor:
         """V for whole chunks: X0 of shape [B, n*C, D] -> [B, n*C, D] float32 (outside autocast), each chunk
@@ -268,17 +305,41 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         B, T, _ = h.shape
         h = h.view(B, T, 2, -1)
         z = self.activation(h[..., 0, :]) * h[..., 1, :]  # [B, T, H]
-        state = self._streaming_state
+        state, cfg = self._streaming_state, self.config
+        if state is None and self._split(z):  # the base term under the caller's autocast, the rest without
+            v = self.targets(x0[:, :T // cfg.chunk_size * cfg.chunk_size])
+            out, w_last = split_inplace_ttt(z, v, self.linear_out.weight, self.linear_out.weight, cfg.lr,
+                                            cfg.chunk_size, cfg.clip_tau, cfg.decay, cfg.max_delta, out_dtype=x.dtype)
+            return self._parallel_done(out, z, x0, w_last)
+        # split streaming: the base model's own product, in its dtype and autocast; the TTT term added below
+        base = F.linear(z, self.linear_out.weight) if self._split(z) else None
         with torch.autocast(x.device.type, enabled=False):  # fp32: W0 + dW rounds the update away in bf16
             if state is None:
-                w0 = self.linear_out.weight.float()
-                out, w_last, _, _ = self._aligned(z, x0, w0)
-                if not self.training:
-                    self._warn_past_training((T - 1) // self.config.chunk_size)  # updates in use
-                if self.record_stats:
-                    self.stats = self._stats(out, z, x0, w_last, w0)
-                return out.to(x.dtype)
-            return self._stream(z, x0, state).to(x.dtype)
+                out, w_last, _, _ = self._aligned(z, x0, self.linear_out.weight.float())
+                return self._parallel_done(out, z, x0, w_last).to(x.dtype)
+            return self._stream(z, x0, state, base, x.dtype)
+
+    def _parallel_done(self, out: torch.Tensor, z: torch.Tensor, x0: torch.Tensor,
+                       w_last: torch.Tensor) -> torch.Tensor:
+        """The training-length warning and the monitor's statistics of a parallel forward; returns `out`."""
+        if not self.training:
+            self._warn_past_training((z.shape[1] - 1) // self.config.chunk_size)  # updates in use
+        if self.record_stats:
+            self.stats = self._stats(out, z, x0, w_last, self.linear_out.weight.float())
+        return out
+
+    def _split(self, z: torch.Tensor) -> bool:
+        """Whether the product is split (`config.split_product` with a low-precision Z)."""
+        return self.config.split_product and z.dtype in (torch.bfloat16, torch.float16)
+
+    def _check_stream(self, state: InPlaceTTTState) -> None:
+        """The training-length warning for a stream, called at its end and before a reset (host points outside
+        the step, where one device read is harmless). Skipped while the host's frame count bounds every row below
+        the first update past training, unless a CUDA graph replayed steps the host did not count."""
+        if self.trained_chunks is None or state.warned:
+            return
+        if state.graphed or state.frames >= (self.trained_chunks + 1) * self.config.chunk_size:
+            self._warn_past_training(int(state.chunks.max()), state)
 
     def _warn_past_training(self, chunks: int, state: InPlaceTTTState | None = None) -> None:
         if self.trained_chunks is None or chunks <= self.trained_chunks or (state is not None and state.warned):
@@ -326,50 +387,132 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
                      update_probe=float(probe))
         return stats
 
-    def _stream(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState) -> torch.Tensor:
-        """Continue each row from its state: finish its current chunk (buffered), then whole chunks, then buffer.
+    def _stream(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Continue each row from its state, with no host read of a tensor value (CUDA-graph capturable).
 
-        Per frame, a token that does not complete a chunk costs one [H] x [H, D] product and a buffer write; the
-        update (V^T Z over the chunk) runs once, on the frame that completes the chunk.
+        One frame (moshi's step) costs the product with the fast weight, the targets of the 1 + right frames whose
+        conv window ends at it, a rank-(1 + right) update of the accumulator and the end-of-chunk update kept by
+        `torch.where`; more frames run the parallel form over the chunks they span, aligned per row on the device.
+        `base`: the split product's base term (None: the product in float32); the output is in `dtype`.
         """
-        if z.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"{self.where}: In-Place TTT streaming decides on the host when a chunk completes "
-                               "and cannot run inside a CUDA graph; run LMGen with NO_CUDA_GRAPH=1")
         B, T, _ = z.shape
         if state.batch_size != B:
             raise ValueError(f"{self.where}: streaming state holds {state.batch_size} rows, input has {B}")
-        C, cfg = self.config.chunk_size, self.config
-        out = torch.empty(B, T, state.w.shape[1], dtype=torch.float32, device=z.device)
-        positions = state.pos.tolist()
+        if z.is_cuda and torch.cuda.is_current_stream_capturing():
+            state.graphed = True  # the graph's replays run no Python: `frames` no longer bounds the rows
+        state.frames += T
         with torch.no_grad():  # streaming is inference: the state is stored without autograd history
-            groups = sorted(set(positions))
-            for p in groups:
-                if len(groups) == 1 and bool(state.exec_mask.all()):  # the usual case: views, no copies
-                    rows = keep = upd = slice(None)
-                else:
-                    rows = torch.tensor([i for i, q in enumerate(positions) if q == p], device=z.device)
-                    keep = state.exec_mask[rows]  # rows whose state advances (moshi's exec_mask)
-                    upd = rows[keep]
-                zr, xr, w = z[rows].float(), x0[rows].float(), state.w[rows]
-                k = min(T, C - p)
-                out[rows, :k] = torch.bmm(zr[:, :k], w.transpose(1, 2))
-                if p + k < C:
-                    state.z_buf[upd, p:p + k] = zr[keep, :k]
-                    state.x0_buf[upd, p:p + k] = xr[keep, :k]
-                    state.pos[upd] = p + k
-                    continue
-                z_chunk = torch.cat([state.z_buf[rows, :p], zr[:, :k]], dim=1)  # [b, C, H]
-                v = self.targets(torch.cat([state.x0_buf[rows, :p], xr[:, :k]], dim=1))
-                dw = torch.einsum("bcd,bch->bdh", v, z_chunk)
-                w = advance_fast_weight(w, state.w0, dw, cfg.lr, cfg.clip_tau, cfg.decay, cfg.max_delta)
-                o, w, z_rest, x0_rest = self._aligned(zr[:, k:], xr[:, k:], w, state.w0)
-                out[rows, k:] = o
-                rest = z_rest.shape[1]
-                state.w[upd] = w[keep]
-                state.z_buf[upd, :rest] = z_rest[keep]
-                state.x0_buf[upd, :rest] = x0_rest[keep]
-                state.pos[upd] = rest
-                state.chunks[upd] += 1 + (T - k) // C  # the chunk completed at frame k, then whole chunks
-            if self.trained_chunks is not None:
-                self._warn_past_training(int(state.chunks.max()), state)
+            step = self._stream_frame if T == 1 else self._stream_span
+            return step(z, x0.float(), state, base, dtype)
+
+    def _conv_taps(self) -> tuple[int, int]:
+        """The conv's taps before and after the output frame: (left, right)."""
+        K = self.config.conv_kernel
+        left = (K - 1) // 2 if self.config.conv == "centred" else 0
+        return left, K - 1 - left
+
+    def _window_targets(self, window: torch.Tensor) -> torch.Tensor:
+        """Uncentred targets of the frames whose conv windows lie in `window` [B, K + J - 1, D]: [B, J, D]."""
+        conv = F.conv1d(window.transpose(1, 2), self.ttt_conv.weight.float(), groups=window.shape[-1])
+        return conv.transpose(1, 2) @ self.ttt_target.weight.float().t()
+
+    def _product(self, z: torch.Tensor, w: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """One frame's output from fast weight w [B, D, H]: [B, 1, D] in `dtype`."""
+        if base is None:
+            return torch.bmm(z.float(), w.transpose(1, 2)).to(dtype)
+        delta = (w - state.w0).to(base.dtype)  # [B, D, H]: the float32 delta, cast for the product
+        return split_sum(base, torch.bmm(z.to(base.dtype), delta.transpose(1, 2)), dtype)
+
+    def _stream_frame(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:
+        """One frame per row at its chunk position p (a device tensor); rows outside `exec_mask` keep their state."""
+        cfg, C = self.config, self.config.chunk_size
+        left, right = self._conv_taps()
+        B, _, H = z.shape
+        D = x0.shape[-1]
+        p, run = state.pos, state.exec_mask
+        out = self._product(z, state.w, state, base, dtype)
+        zf = z.float()
+        for buf, new in ((state.z_buf, zf), (state.x0_buf, x0)):  # the frame into the buffers at p
+            at = p.view(B, 1, 1).expand(B, 1, new.shape[-1])
+            buf.scatter_(1, at, torch.where(run.view(B, 1, 1), new, buf.gather(1, at)))
+        # the frames s = p - right .. p: the first one's target is final; the others read the zeros past p, which
+        # is their target only if the chunk ends at p
+        q = p[:, None] + torch.arange(-(left + right), right + 1, device=p.device)  # [B, K + right] window
+        window = state.x0_buf.gather(1, q.clamp(0, C - 1)[..., None].expand(B, -1, D))
+        window = window * ((q >= 0) & (q < C))[..., None]
+        v = self._window_targets(window)  # [B, 1 + right, D]
+        s = q[:, left + right:] - right  # [B, 1 + right]
+        z_s = state.z_buf.gather(1, s.clamp(min=0)[..., None].expand(B, -1, H))
+        complete = p == C - 1
+        first = torch.arange(right + 1, device=p.device) == 0
+        m = ((s >= 0) & (first | complete[:, None])).float()[..., None]  # [B, 1 + right, 1]
+        acc = state.acc + torch.bmm((v * m).transpose(1, 2), z_s)  # [B, D, H]
+        dw = acc
+        if cfg.centre_update:  # V minus its chunk mean: sum v z^T - (sum v)(sum z)^T / C
+            v_sum, z_sum = state.v_sum + (v * m).sum(1), state.z_sum + (z_s * m).sum(1)
+            dw = acc - v_sum[:, :, None] * z_sum[:, None, :] / C
+        w = advance_fast_weight(state.w, state.w0, dw, cfg.lr, cfg.clip_tau, cfg.decay, cfg.max_delta)
+        done = complete & run
+        state.w.copy_(torch.where(done[:, None, None], w, state.w))
+        state.acc.copy_(torch.where(run[:, None, None], acc, state.acc))
+        if cfg.centre_update:
+            state.v_sum.copy_(torch.where(run[:, None], v_sum, state.v_sum))
+            state.z_sum.copy_(torch.where(run[:, None], z_sum, state.z_sum))
+        for t in (state.z_buf, state.x0_buf, state.acc, state.v_sum, state.z_sum):  # a new chunk starts empty
+            t.masked_fill_(done.view(-1, *[1] * (t.dim() - 1)), 0)
+        state.pos.copy_(torch.where(run, (p + 1) % C, p))
+        state.chunks.add_(done.long())
+        return out
+
+    def _stream_span(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+        """T > 1 frames per row: each row's buffered chunk and the new frames laid out from its chunk start (on
+        the device), the parallel form over the n chunks that any position p < C can span, then per row the
+        outputs of its frames, the weight after its last complete chunk and its trailing chunk's buffers."""
+        cfg, C = self.config, self.config.chunk_size
+        _, right = self._conv_taps()
+        B, T, H = z.shape
+        D = x0.shape[-1]
+        p, run = state.pos, state.exec_mask
+        n = (C - 1 + T + C - 1) // C  # chunks spanned from the latest start, p = C - 1
+        j = torch.arange((n + 1) * C, device=z.device)  # aligned positions, and one spare chunk of zeros
+        src = j[None] - p[:, None]  # [B, (n + 1) C]: index into the new frames
+        buffered, fresh = (src < 0)[..., None], ((src >= 0) & (src < T))[..., None]
+
+        def align(buf: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            old = buf.gather(1, j.clamp(max=C - 1)[None, :, None].expand(B, -1, new.shape[-1]))
+            now = new.gather(1, src.clamp(0, T - 1)[..., None].expand(-1, -1, new.shape[-1]))
+            return torch.where(buffered, old, torch.where(fresh, now, 0.0))
+
+        za, xa = align(state.z_buf, z.float()), align(state.x0_buf, x0)  # [B, (n + 1) C, H or D]
+        L = n * C
+        zc, ws = chunk_fast_weights(za[:, :L], self.targets(xa[:, :L]), state.w, state.w0, cfg.lr, C,
+                                    cfg.clip_tau, cfg.decay, cfg.max_delta)  # ws: [B, n + 1, D, H]
+        at = (p[:, None] + torch.arange(T, device=z.device))[..., None].expand(-1, -1, D)  # the new frames
+        if base is None:
+            out = torch.einsum("bnch,bndh->bncd", zc, ws[:, :n]).reshape(B, L, D).gather(1, at).to(dtype)
+        else:
+            delta = (ws[:, :n] - state.w0).to(base.dtype)
+            ttt = torch.einsum("bnch,bndh->bncd", zc.to(base.dtype), delta).reshape(B, L, D).gather(1, at)
+            out = split_sum(base, ttt, dtype)
+        nf = (p + T) // C  # [B] chunks each row completes, 0 .. n
+        rem = p + T - nf * C
+
+        def pick(a: torch.Tensor) -> torch.Tensor:  # chunk nf of each row
+            return a.view(B, -1, *a.shape[2:]).gather(1, nf.view(B, 1, 1, 1).expand(-1, 1, *a.shape[2:]))[:, 0]
+
+        w = pick(ws)
+        z_tail, x_tail = pick(za.view(B, n + 1, C, H)), pick(xa.view(B, n + 1, C, D))  # zeros from rem on
+        v_tail = chunk_conv1d(x_tail, self.ttt_conv.weight[:, 0], C, cfg.conv) @ self.ttt_target.weight.float().t()
+        final = (torch.arange(C, device=z.device)[None] < (rem - right)[:, None]).float()[..., None]  # [B, C, 1]
+        acc = torch.einsum("bcd,bch->bdh", v_tail * final, z_tail)
+        keep = run.view(B, 1, 1)
+        for t, value in ((state.w, w), (state.z_buf, z_tail), (state.x0_buf, x_tail), (state.acc, acc),
+                         (state.v_sum, (v_tail * final).sum(1)), (state.z_sum, (z_tail * final).sum(1))):
+            t.copy_(torch.where(keep.view(B, *[1] * (t.dim() - 1)), value, t))
+        state.pos.copy_(torch.where(run, rem, p))
+        state.chunks.add_(torch.where(run, nf, 0))
         return out

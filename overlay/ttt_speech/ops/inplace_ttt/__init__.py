@@ -14,14 +14,17 @@ from ttt_speech.ops.inplace_ttt.chunk import (
     check_bounds,
     chunk_centre,
     chunk_conv1d,
+    chunk_fast_weights,
     chunk_inplace_ttt,
     clip_update,
     fp32_no_autocast,
     split_inplace_ttt,
+    split_sum,
 )
 from ttt_speech.ops.inplace_ttt.naive import naive_chunk_centre, naive_chunk_conv1d, naive_chunk_inplace_ttt
 from ttt_speech.ops.inplace_ttt.spectrum import chunk_update_spectrum, naive_chunk_update_spectrum, spectrum_summary
 
-__all__ = ["advance_fast_weight", "bound_delta", "check_bounds", "chunk_centre", "chunk_conv1d", "chunk_inplace_ttt",
-           "chunk_update_spectrum", "clip_update", "fp32_no_autocast", "naive_chunk_centre", "naive_chunk_conv1d",
-           "naive_chunk_inplace_ttt", "naive_chunk_update_spectrum", "spectrum_summary", "split_inplace_ttt"]
+__all__ = ["advance_fast_weight", "bound_delta", "check_bounds", "chunk_centre", "chunk_conv1d", "chunk_fast_weights",
+           "chunk_inplace_ttt", "chunk_update_spectrum", "clip_update", "fp32_no_autocast", "naive_chunk_centre",
+           "naive_chunk_conv1d", "naive_chunk_inplace_ttt", "naive_chunk_update_spectrum", "spectrum_summary",
+           "split_inplace_ttt", "split_sum"]

@@ -161,6 +161,23 @@ def chunk_inplace_ttt(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, lr: fl
     return _chunk_inplace_ttt(z, v, w0, w0 if w_ref is None else w_ref, lr, chunk_size, clip_tau, decay, max_delta)
 
 
+@fp32_no_autocast
+def chunk_fast_weights(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, w_ref: torch.Tensor, lr: float,
+                       chunk_size: int, clip_tau: float | None = None, decay: float | None = None,
+                       max_delta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast weight at the start of every chunk of :func:`chunk_inplace_ttt`, for callers that pick per row.
+
+    Args:
+        z: of shape [B, n*C, H] (whole chunks); v: of shape [B, n*C, D]; the rest as :func:`chunk_inplace_ttt`.
+    Returns:
+        ``zc`` of shape [B, n, C, H] (float32) and ``w`` of shape [B, n + 1, D, H]: ``w[:, i]`` is the weight chunk
+        i reads, ``w[:, n]`` the weight after the last chunk.
+    """
+    _check_chunked(z, chunk_size, "z")
+    zc, w, _, _, _ = _chunk_weights(z, v, w0, w_ref, lr, chunk_size, clip_tau, decay, max_delta)
+    return zc, w
+
+
 def _chunk_inplace_ttt(z, v, w_start, w_ref, lr, chunk_size, clip_tau, decay, max_delta):
     zc, w, T, n, n_full = _chunk_weights(z, v, w_start, w_ref, lr, chunk_size, clip_tau, decay, max_delta)
     B, D = z.shape[0], w.shape[-2]
@@ -212,21 +229,25 @@ def _chunk_weights(z, v, w_start, w_ref, lr, chunk_size, clip_tau, decay, max_de
 
 def split_inplace_ttt(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, w_base: torch.Tensor, lr: float,
                       chunk_size: int, clip_tau: float | None = None, decay: float | None = None,
-                      max_delta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_delta: float | None = None,
+                      out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`chunk_inplace_ttt` for a low-precision model, as two terms that keep their own precision.
 
     ``O_i = Z_i W_base^T + Z_i (W^(i) - W_base)^T``: the base term is ``F.linear(z, w_base)`` under the caller's
     dtype and autocast, i.e. bit-identical to the base model's down projection; the TTT term takes the deltas
     ``W^(i) - W_base`` in float32 (prefix sums, bounds, outside autocast), casts them to the base term's dtype
-    and adds its product there. The update is then rounded relative to its own size, not to ``|W_base|``.
+    and multiplies there. The update is then rounded relative to its own size, not to ``|W_base|``. The two
+    terms are added in float32 and rounded once to `out_dtype`: where that is float32 (bf16 autocast over a
+    float32 model) the TTT term is not rounded to the base term's ulp either.
 
     Args:
         z, v, lr, chunk_size, clip_tau, decay, max_delta: as :func:`chunk_inplace_ttt`.
         w0: the fast weight at the start of the first chunk, [B, D, H] or [D, H] (float32 when streaming).
         w_base: the module's own weight ``W^(0)``, [D, H], in the model's dtype (also what decay and max_delta
             act around).
+        out_dtype: the output's dtype; None: the base product's.
     Returns:
-        ``(O [B, T, D]`` in the base product's dtype, the float32 fast weight after the last complete chunk).
+        ``(O [B, T, D]`` in `out_dtype`, the float32 fast weight after the last complete chunk).
     """
     if z.dim() != 3 or w_base.dim() != 2:
         raise ValueError(f"z must be [B, T, H] and w_base [D, H], got {list(z.shape)} and {list(w_base.shape)}")
@@ -235,5 +256,11 @@ def split_inplace_ttt(z: torch.Tensor, v: torch.Tensor, w0: torch.Tensor, w_base
         zc, w, T, n, n_full = _chunk_weights(z, v, w0, w_base, lr, chunk_size, clip_tau, decay, max_delta)
         delta = (w[:, :n] - w_base.float()).to(base.dtype)  # [B, n, D, H]: float32 deltas, cast once
         ttt = torch.einsum("bnch,bndh->bncd", zc.to(base.dtype), delta)
-        out = base + ttt.reshape(base.shape[0], n * chunk_size, -1)[:, :T]
+        out = split_sum(base, ttt.reshape(base.shape[0], n * chunk_size, -1)[:, :T], out_dtype)
     return out, w[:, n_full]
+
+
+def split_sum(base: torch.Tensor, ttt: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``base + ttt`` added in float32 and rounded once to `out_dtype` (None: base's dtype). Where ``ttt`` is
+    exactly zero the result is ``base`` bit for bit (a float32 round trip of a bf16/fp16 value is exact)."""
+    return (base.float() + ttt.float()).to(base.dtype if out_dtype is None else out_dtype)
