@@ -28,6 +28,8 @@ class Inner:
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ConfigError(f"size must be >= 1, got {self.size}")
+        if self.rate >= 1:
+            raise ValueError(f"inner.rate must be < 1, got {self.rate}")
 
 
 @dataclasses.dataclass
@@ -48,7 +50,8 @@ class Outer:
     # Literal or None, got {...}")
     ({"inner": {"sise": 2}}, r"^cfg\.yaml: unknown key inner\.sise; Inner has size, rate$"),
     ({"inner": {"rate": "fast"}}, r"^cfg\.yaml: inner\.rate must be a number, got 'fast'$"),
-    ({"inner": {"size": 0}}, r"^cfg\.yaml: inner: size must be >= 1, got 0$"),
+    ({"inner": {"size": 0}}, r"^cfg\.yaml: inner: size must be >= 1, got 0$"),  # the section named once
+    ({"inner": {"rate": 2}}, r"^cfg\.yaml: inner\.rate must be < 1, got 2\.0$"),
     ({"layers": [0, "x"]}, r"^cfg\.yaml: layers\[1\] must be an integer, got 'x'$"),
     # the value matches no alternative's shape: what the key may be, Literal values spelled out
     ({"inner": "autp"}, r"^cfg\.yaml: inner must be a mapping \(Inner\), 'auto' or null, got 'autp'$"),

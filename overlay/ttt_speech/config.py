@@ -7,6 +7,7 @@ scalars; the resolved config is written back as YAML into the run folder.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -142,11 +143,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", prefix:
                           f"{', '.join(prefix + m for m in missing)}")
     try:
         return cls(**kwargs)
-    except ConfigError as e:  # its message names the dotted key, as a rule; if not, name the section
+    except (TypeError, ValueError) as e:  # a ConfigError names its dotted key, as a rule; name the section if not
         section = prefix.rstrip(".")
-        raise ConfigError(f"{_w(where)}{section + ': ' if section and section not in str(e) else ''}{e}") from e
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{_w(where)}{prefix.rstrip('.') or cls.__name__}: {e}") from e
+        if isinstance(e, ConfigError) or section:
+            named = not section or re.search(rf"(?<![\w.]){re.escape(section)}(?=[.:\[\s]|$)", str(e))
+            raise ConfigError(f"{_w(where)}{'' if named else section + ': '}{e}") from e
+        raise ConfigError(f"{_w(where)}{cls.__name__}: {e}") from e
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
