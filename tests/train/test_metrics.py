@@ -98,8 +98,23 @@ def test_wandb_gets_the_same_records_when_configured(tmp_path, monkeypatch) -> N
     monkeypatch.setenv("WANDB_MODE", "online")  # restored after the test; the sink sets "offline"
     sinks = MetricsSinks(tmp_path, True, None, WandbConfig(project="p", key="k", offline=True), {"seed": 0})
     sinks.log("eval", 4, {"loss": 2.5, "kind": "inplace"})
+    sinks.log_ttt([{"step": 2, "layer": 0, "w_max_abs": 0.5}])  # the TTT monitor's rows reach wandb too
     sinks.close()
     assert calls[0] == ("login", "k") and calls[1][1]["project"] == "p" and calls[1][1]["name"] == tmp_path.name
-    assert calls[2] == ("log", 4, {"eval/loss": 2.5}) and calls[3] == ("finish",)
+    assert calls[2] == ("log", 4, {"eval/loss": 2.5}) and calls[3] == ("log", 2, {"ttt/layer0/w_max_abs": 0.5})
+    assert calls[4] == ("finish",)
     assert records(tmp_path, "eval") == [{"step": 4, "loss": 2.5, "kind": "inplace"}]
     assert os.environ["WANDB_MODE"] == "offline"
+
+
+def test_wandb_project_without_wandb_installed_is_refused_at_load(tmp_path, monkeypatch) -> None:
+    import sys
+
+    import pytest
+
+    from ttt_speech.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, as when not installed
+    with pytest.raises(ConfigError, match=r"wandb\.project='p' but wandb is not installed"):
+        load_config(TrainConfig, TINY, [f"--run_dir={tmp_path / 'run'}", "--wandb.project=p"])
+    assert not (tmp_path / "run").exists()

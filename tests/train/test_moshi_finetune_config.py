@@ -115,6 +115,47 @@ def test_moshi_paths_resolve_through_moshis_checkpoint_info(tmp_path) -> None:
         example(tmp_path / "2", f"--moshi_paths.tokenizer_path={tmp_path / 'none.model'}")  # at load: --check too
 
 
+def test_hf_repo_id_resolves_through_moshis_checkpoint_info_from_the_hub_cache(tmp_path, monkeypatch) -> None:
+    """`moshi_paths.hf_repo_id` as a Hugging Face repository, offline: moshi's `CheckpointInfo.from_hf_repo` reads
+    its `config.json` (file names, LM config) and weights from the hub cache (huggingface_hub's real lookup,
+    pointed at a local cache), and the base model loads from what it resolved."""
+    import shutil
+
+    import torch
+    from huggingface_hub import constants
+
+    from ttt_speech.integrations.moshi import build_lm, tiny_lm_kwargs
+    from ttt_speech.train.model import build_model
+    from ttt_speech.train.moshi_finetune import resolve_moshi_paths
+
+    weights, config = tiny_base(tmp_path)
+    repo = tmp_path / "hub" / "models--test--tiny-moshi"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    shutil.copy(weights, snapshot / "weights.safetensors")
+    shutil.copy(SAMPLES / "tokenizer.model", snapshot / "spm.model")
+    (snapshot / "config.json").write_text(json.dumps({**json.loads(config.read_text()), "moshi_name":
+                                                      "weights.safetensors", "tokenizer_name": "spm.model"}))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    cfg = example(tmp_path / "cfg", "--moshi_paths.hf_repo_id=test/tiny-moshi", "--moshi_paths.moshi_path=null",
+                  "--moshi_paths.tokenizer_path=null", "--moshi_paths.config_path=null",
+                  "--moshi_paths.mimi_path=tiny-random")
+    resolved = resolve_moshi_paths(cfg)
+    assert Path(resolved.model.checkpoint) == snapshot / "weights.safetensors"
+    assert Path(resolved.data.tokenizer) == snapshot / "spm.model" and resolved.data.mimi == "tiny-random"
+    assert resolved.model.lm_kwargs == tiny_lm_kwargs()
+    model, _ = build_model(resolved, torch.device("cpu"))  # no ttt: moshi's own loader, strict
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in build_lm(seed=3).state_dict().items())
+    with pytest.raises(ConfigError, match=r"moshi_paths \(hf_repo_id='test/absent'\): "), \
+            pytest.warns(UserWarning, match="no config.json"):  # moshi's: then it looks for Moshi 7B's files
+        resolve_moshi_paths(example(tmp_path / "cfg2", "--moshi_paths.hf_repo_id=test/absent",
+                                    "--moshi_paths.config_path=null", "--moshi_paths.moshi_path=null"))
+
+
 @pytest.mark.slow
 def test_the_moshi_finetune_shaped_config_trains_the_tiny_model(tmp_path) -> None:
     from ttt_speech.train.trainer import train
