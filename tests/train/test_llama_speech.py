@@ -354,3 +354,27 @@ def test_speech_with_two_gloo_processes_and_fsdp2_resumes_exactly(tmp_path: Path
     run(tmp_path / "resumed", "--stop_after=2")
     run(tmp_path / "resumed")
     assert logged(tmp_path / "resumed") == logged(tmp_path / "straight")  # tolerance: exact
+
+
+@needs_omni
+def test_eval_llama_places_the_speech_and_scores_text_only(tmp_path: Path, whisper_ckpt: Path) -> None:
+    from ttt_speech.eval.llama_eval import evaluate_run, token_nll
+    from ttt_speech.integrations.llama_train import load_tokenizer, speech_frontend
+    from ttt_speech.train.trainer import train
+
+    train(omni_cfg(tmp_path, whisper_ckpt, "--max_steps=2", "--export_safetensors=true"))
+    result = evaluate_run(tmp_path / "run", tokens=64, docs=2, bins=2, turns=[0])
+    bins = result["perplexity_by_position"]["bins"]
+    assert len(bins) == 2 and all(np.isfinite(r["teacher_nll"]) and np.isfinite(r["student_nll"]) for r in bins)
+    model = omni(whisper_ckpt)
+    front = speech_frontend(model)
+    stream = read_stream(str(tmp_path / "train.json"), model.config.vocab_size,
+                         load_tokenizer(str(tmp_path / "sp.model")), front)
+    loader = TokenWindows(stream.ids, stream.labels, batch_size=1, seq_len=32, seed=0, rank=0, world_size=1,
+                          shuffle=False, where="x", speech=(stream, front))
+    batch = next(loader)
+    ids = batch.tokens[:, 0]
+    nll = token_nll(model, ids, False, (batch.mels, batch.tokens[:, 2]))
+    assert torch.equal(nll.isnan(), ids[:, 1:] == SPEECH) and (ids == SPEECH).any()
+    deaf = token_nll(model, ids.clamp_min(0), False)
+    assert not torch.allclose(nll[~nll.isnan()], deaf[~nll.isnan()])  # the clips are seen

@@ -6,11 +6,13 @@
   the teacher and the student, paired per conversation.
 
 Both run one forward per document (TTT layers scan it; attention sees all of it), the same semantics as a
-`ConversationSession` fed turn by turn.
+`ConversationSession` fed turn by turn. With speech data (LLaMA-Omni with its Whisper encoder), the clips are
+placed as in training and the perplexity counts the text tokens only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Sequence
@@ -22,41 +24,56 @@ import torch
 import torch.nn.functional as F
 
 from ttt_speech.eval.stats import cluster_bootstrap, paired_differences, t_interval
-from ttt_speech.integrations.llama_train import ttt_bypassed
-from ttt_speech.train.llama_data import SyntheticTokens
+from ttt_speech.integrations.llama_train import SpeechInputs, ttt_bypassed
+from ttt_speech.train.llama_data import SPEECH, SpeechBatch, SyntheticTokens
 
 
 @torch.no_grad()
-def token_nll(model, ids: torch.Tensor, teacher: bool) -> torch.Tensor:
-    """Next-token NLL of `ids` [B, T] under the student (or the teacher), of shape [B, T - 1] float32."""
+def token_nll(model, ids: torch.Tensor, teacher: bool,
+              speech: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Next-token NLL of `ids` [B, T] under the student (or the teacher), of shape [B, T - 1] float32. `speech`:
+    (mels [S, frames, n_mels], refs [B, T]) of a `SpeechBatch`; the speech positions (SPEECH in `ids`) get the
+    clips' features, and predicting them is not scored (NaN)."""
     was = model.training
     model.eval()
+    placed = SpeechInputs(model, *speech).placed() if speech is not None else contextlib.nullcontext()
     try:
-        if teacher:
-            with ttt_bypassed(model):
-                logits = model(input_ids=ids, use_cache=False).logits
-        else:
-            logits = model(input_ids=ids, use_cache=False).logits
+        with contextlib.ExitStack() as stack:
+            if teacher:
+                stack.enter_context(ttt_bypassed(model))
+            stack.enter_context(placed)
+            logits = model(input_ids=ids.clamp_min(0), use_cache=False).logits
     finally:
         model.train(was)
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    target = ids[:, 1:]
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp_min(0), reduction="none")
+    return torch.where(target == SPEECH, float("nan"), nll)
 
 
 def _estimate(e) -> dict[str, Any]:
     return {"mean": e.mean, "ci95": e.ci95, "n": e.n}
 
 
-def perplexity_by_position(model, docs: torch.Tensor, bins: int = 4, batch_size: int = 4) -> list[dict[str, Any]]:
-    """Per position bin of `docs` [D, T]: teacher and student mean NLL and perplexity, and the paired per-document
-    difference student - teacher with its 95% bootstrap CI (each document its own cluster)."""
-    teacher = torch.cat([token_nll(model, docs[i:i + batch_size], True) for i in range(0, len(docs), batch_size)])
-    student = torch.cat([token_nll(model, docs[i:i + batch_size], False) for i in range(0, len(docs), batch_size)])
+def perplexity_by_position(model, docs: torch.Tensor | SpeechBatch, bins: int = 4,
+                           batch_size: int = 4) -> list[dict[str, Any]]:
+    """Per position bin of `docs` [D, T] (or a `SpeechBatch` of D windows): teacher and student mean NLL and
+    perplexity (text tokens only), and the paired per-document difference student - teacher with its 95% bootstrap
+    CI (each document its own cluster)."""
+    speech = isinstance(docs, SpeechBatch)
+    ids = docs.tokens[:, 0] if speech else docs
+
+    def nll(teacher: bool) -> torch.Tensor:
+        return torch.cat([token_nll(model, ids[i:i + batch_size], teacher,
+                                    (docs.mels, docs.tokens[i:i + batch_size, 2]) if speech else None)
+                          for i in range(0, len(ids), batch_size)])
+
+    teacher, student = nll(True), nll(False)
     T = teacher.shape[1]
     edges = np.linspace(0, T, bins + 1).astype(int)
     rows = []
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        t = teacher[:, lo:hi].mean(1).double().numpy()
-        s = student[:, lo:hi].mean(1).double().numpy()
+        t = teacher[:, lo:hi].nanmean(1).double().numpy()
+        s = student[:, lo:hi].nanmean(1).double().numpy()
         diff = cluster_bootstrap(paired_differences(s, t), list(range(len(t))))
         rows.append({"positions": [int(lo) + 1, int(hi)], "teacher_nll": float(t.mean()),
                      "student_nll": float(s.mean()), "teacher_ppl": math.exp(float(t.mean())),
@@ -108,7 +125,7 @@ def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, token
     from safetensors.torch import load_file
 
     from ttt_speech.config import load_config
-    from ttt_speech.integrations.llama_train import build_llama
+    from ttt_speech.integrations.llama_train import build_llama, speech_frontend
     from ttt_speech.train.config import TrainConfig
     from ttt_speech.train.llama_config import stage_seq_len
     from ttt_speech.train.llama_data import build_llama_loader
@@ -132,8 +149,10 @@ def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, token
 
         tokenizer = load_tokenizer(cfg.llama.tokenizer)
     loader = build_llama_loader(source, seq_len=tokens, batch_size=docs, vocab_size=model.config.vocab_size,
-                                seed=cfg.seed, rank=0, world_size=1, tokenizer=tokenizer, shuffle=False, stream=2)
-    ids = next(loader)[:, 0].to(device)
+                                seed=cfg.seed, rank=0, world_size=1, tokenizer=tokenizer, shuffle=False, stream=2,
+                                speech=speech_frontend(model))
+    batch = next(loader).to(device)
+    ids = batch if isinstance(batch, SpeechBatch) else batch[:, 0]
     result = {"run_dir": str(run_dir), "export": str(export), "data": source, "device": device,
               "perplexity_by_position": {"tokens": tokens, "bins": perplexity_by_position(model, ids, bins)},
               "recall": recall(model, turns=list(turns), n=docs, seed=cfg.seed)}
