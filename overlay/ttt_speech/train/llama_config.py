@@ -25,8 +25,9 @@ class LlamaTrainConfig:
         hidden_mse_weight: weight of the hidden-state MSE at the TTT layers (0: KL only).
         train_data: "synthetic" (a fixed random Markov chain over the vocabulary, for plumbing and tests), a
             jsonl of token ids (`{"input_ids": [...]}` per line), or LLaMA-Omni's instruction JSON (a list of
-            `{"id", "conversations": [{"from", "value"}, ...]}`; text-only samples; `speech` paths are refused: no
-            Whisper encoder is wired into training).
+            `{"id", "speech"?, "conversations": [{"from", "value"}, ...]}`; a sample's `speech` path(s) fill its
+            `<speech>` placeholders, which needs LLaMA-Omni's model with its Whisper encoder, frozen; text-only
+            samples train with any model).
         val_data: held-out data in the same formats; validation perplexity at each stage's end. None: none.
         tokenizer: SentencePiece `.model` file or a transformers tokenizer folder; needed for instruction JSON.
         val_batches: batches of `val_data` per validation.
