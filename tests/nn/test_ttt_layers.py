@@ -406,12 +406,26 @@ def test_state_index_select_and_detach():
         (lambda: torch.randn(5, C), rf"hidden_states must be a floating \[B, T, {C}\] tensor, got \[5, {C}\]"),
         (lambda: torch.randn(2, 0, C), rf"hidden_states must be \[B, T, {C}\] with B, T >= 1, got \[2, 0, {C}\]"),
         (lambda: torch.full((2, 3, C), math.nan), r"hidden_states \[B, T, 32\] = \[2, 3, 32\] holds NaN or inf"),
-        (lambda: torch.tensor([[[math.inf] * C]]), r"holds NaN or inf"),
+        (lambda: torch.tensor([[[math.inf] * C] * 2]), r"holds NaN or inf"),
     ],
 )
 def test_bad_inputs_raise(make_x, match):
     with pytest.raises(ValueError, match=match):
         cached_layer("linear", False)(make_x())
+
+
+def test_a_decode_step_reads_no_values_on_the_host():
+    """T == 1 skips the value checks (they would sync with the device): a NaN input shows in the output, a
+    position out of range is not read; multi-token calls refuse both."""
+    layer = cached_layer("linear", True)
+    with torch.no_grad():
+        y, _ = layer(torch.full((1, 1, C), math.nan))
+        assert torch.isnan(y).all()
+        state = layer.init_state(2)
+        state.position.fill_(B_SZ + 1)
+        layer(inputs(T=1), state)
+        with pytest.raises(ValueError, match=r"state.position must be in \[0, 8\)"):
+            layer(inputs(T=2), state)
 
 
 def _bad_states():

@@ -57,14 +57,17 @@ def check_block_options(options: dict[str, Any], where: str = "ttt.ttt_options",
 
 @dataclass
 class TTTBlockState(State):
-    """Streaming state of a `MoshiTTTBlock`: the TTT layer's `TTTState` (float32), and how to reset its rows."""
+    """Streaming state of a `MoshiTTTBlock`: the TTT layer's `TTTState` (float32), and how to reset its rows.
+
+    Steps and resets write into the tensors of `ttt` in place (`TTTState.copy_`), as moshi's own states do, so a
+    CUDA graph captured over a step (`LMGen`'s) reads and writes the live state on every replay."""
 
     ttt: TTTState
     reset_rows: Callable[[TTTState, torch.Tensor], TTTState]
 
     def reset(self, reset_mask: torch.Tensor) -> None:
         super().reset(reset_mask)
-        self.ttt = self.reset_rows(self.ttt, reset_mask.to(torch.bool))
+        self.ttt.copy_(self.reset_rows(self.ttt, reset_mask.to(torch.bool)))
 
 
 class MoshiTTTBlock(StreamingModule[TTTBlockState]):
@@ -146,9 +149,8 @@ class MoshiTTTBlock(StreamingModule[TTTBlockState]):
                 raise ValueError(f"TTT block (layer {self.layer_idx}): streaming state holds {state.batch_size} "
                                  f"rows, input has {x.shape[0]}")
             with torch.no_grad():  # streaming is inference: the state is stored without autograd history
-                old = state.ttt
-                out, new = self.ttt(y.to(dtype), old)
-                keep = state.exec_mask  # rows masked out by moshi's exec_mask keep their state
-                state.ttt = new if bool(keep.all()) else new.where(keep, old)
+                out, new = self.ttt(y.to(dtype), state.ttt)
+                # in place, and only the rows moshi's exec_mask runs (no host branch on the mask: graph capture)
+                state.ttt.copy_(new, state.exec_mask)
         return x.to(out.dtype) + torch.tanh(self.gate_alpha).to(out.dtype) * out
 

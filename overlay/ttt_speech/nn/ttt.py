@@ -78,7 +78,8 @@ class TTTConfig:
             opt-in: a single-token call commits its update at once; a different function, see docs/ttt.md).
         initializer_range: std of the q/k/v/o/g projection init (the reference's ``initializer_range``).
         rms_norm_eps: eps of the RMSNorm in :class:`TTTPreConv`.
-        check_finite: raise on non-finite ``hidden_states`` (one device sync per call).
+        check_finite: raise on non-finite ``hidden_states`` (one device sync per multi-token call; single-token
+            decode steps are not checked, so that they never sync with the host).
     """
 
     hidden_size: int
@@ -406,15 +407,22 @@ class TTTBase(nn.Module):
         uncommitted in ``new_state``. Cast points: q/k/v and the output projections run in the module / autocast
         dtype; ``eta``, ``token_idx``, RoPE angles, the inner loop and the state are float32; the inner-loop output
         is cast back to the ``q`` dtype before ``post_norm``.
+
+        A single-token call (``T == 1``, a decode step) reads no tensor value on the host: the chunk completion is
+        selected on the device (:mod:`ttt_speech.ops.ttt.recurrent`), and the checks that would read values
+        (``check_finite``, the range of ``state.position``) are skipped, so the step can be captured in a CUDA
+        graph. Its shapes, dtypes and devices are still checked; a NaN input shows in its output. Multi-token calls
+        check values (one device sync each).
         """
-        self._check_input(hidden_states)
         x = hidden_states
+        step = isinstance(x, Tensor) and x.dim() == 3 and x.shape[1] == 1
+        self._check_input(x, values=not step)
         B, T, C = x.shape
         H, D, b = self.num_heads, self.head_dim, self.mini_batch_size
         if state is None:
             state = self.init_state(B, x.device)
         else:
-            self._check_state(state, B, x.device)
+            self._check_state(state, B, x.device, values=not step)
 
         input_state = dict(state.input_state)
         if self.config.pre_conv:
@@ -524,7 +532,7 @@ class TTTBase(nn.Module):
             token_idx = torch.clamp_min(base + self.learnable_token_idx.float(), 0.0)
         return eta, token_idx
 
-    def _check_input(self, x: Tensor) -> None:
+    def _check_input(self, x: Tensor, values: bool = True) -> None:
         C = self.hidden_size
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != C or not x.is_floating_point():
             got = list(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -532,10 +540,11 @@ class TTTBase(nn.Module):
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"hidden_states must be [B, T, {C}] with B, T >= 1, got {list(x.shape)}")
         # one reduction: a finite sum means finite values; else (inf/NaN, or overflow) the exact check decides
-        if self.config.check_finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+        if values and self.config.check_finite and not bool(torch.isfinite(x.sum())) \
+                and not bool(torch.isfinite(x).all()):
             raise ValueError(f"hidden_states [B, T, {C}] = {list(x.shape)} holds NaN or inf values")
 
-    def _check_state(self, state: TTTState, batch_size: int, device: torch.device) -> None:
+    def _check_state(self, state: TTTState, batch_size: int, device: torch.device, values: bool = True) -> None:
         if not isinstance(state, TTTState):
             raise ValueError(f"state must be a TTTState, got {type(state).__name__}")
         B = batch_size
@@ -547,7 +556,7 @@ class TTTBase(nn.Module):
             for name, shape in expected.items():
                 _check_tensor(f"state.{field_name}[{name!r}]", tensors[name], shape, torch.float32, device)
         _check_tensor("state.position", state.position, (B,), torch.int64, device)
-        if bool((state.position < 0).any() or (state.position >= self.mini_batch_size).any()):
+        if values and bool((state.position < 0).any() or (state.position >= self.mini_batch_size).any()):
             raise ValueError(f"state.position must be in [0, {self.mini_batch_size}), got {state.position.tolist()}")
         if self.config.share_qk:
             if state.conv_tail is None:

@@ -38,8 +38,12 @@ def check_ttt_args(
     params: Sequence[Tensor],
     grads: Sequence[Tensor] | None,
     offset: Offset,
-) -> list[int]:
-    """Validate the common op signature; return the per-row offsets as Python ints."""
+    on_device: bool = False,
+) -> list[int] | Tensor:
+    """Validate the common op signature; return the per-row offsets as Python ints, or with ``on_device`` as an
+    int64 tensor [B] on ``q``'s device. An offset given as a tensor with ``on_device`` is checked for its shape
+    and dtype only: its values are not read on the host (no device sync, so the caller can be captured in a CUDA
+    graph)."""
     if q.dim() != 4:
         raise ValueError(f"q must be [B, T, H, D], got {shape_str(q)}")
     B, T, H, D = q.shape
@@ -69,6 +73,13 @@ def check_ttt_args(
             if tuple(t.shape) != shape:
                 raise ValueError(f"grads {name} must be {list(shape)}, got {shape_str(t)}")
     b = token_idx.numel()
+    if on_device and isinstance(offset, Tensor):
+        if offset.shape != (B,) or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
+            raise ValueError(f"offset must be an integer tensor [{B}], got {shape_str(offset)} {offset.dtype}")
+        return offset.to(device=q.device, dtype=torch.int64)
+    if on_device:
+        return torch.tensor(check_ttt_args(kind, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset),
+                            dtype=torch.int64, device=q.device)
     if offset is None:
         return [0] * B
     offsets = [int(o) for o in (offset.tolist() if isinstance(offset, Tensor) else offset)]

@@ -4,6 +4,11 @@ Each token adds ``eta_t * grad_t`` (the inner gradient at the anchor weights, cl
 and reads the weights ``W - token_idx[pos] * G``; at the last position of a mini-batch those weights become the new
 anchor and ``G`` is cleared. This is the same function as :mod:`.chunk` (the dual form), computed with per-token
 weights. With ``online=True`` every token commits (see ``docs/ttt.md``).
+
+Every per-token decision is device arithmetic: the position is ``(offset + t) % b`` on the device, and the commit
+selects the candidate anchor with ``torch.where(pos == b - 1, ...)``. A call with ``offset`` given as a tensor on
+``q``'s device therefore reads nothing on the host (no device sync: a decode step can be captured in a CUDA graph).
+The selection returns exactly one of its operands, so the result is bit-identical to branching on host offsets.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ def recurrent_ttt_linear(
     Args:
         online: commit after every token instead of at the end of each mini-batch (a different function).
     """
-    offsets = check_ttt_args("linear", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
-    return _recurrent(_linear_token, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets, online)
+    start = check_ttt_args("linear", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset, on_device=True)
+    return _recurrent(_linear_token, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, start, online)
 
 
 def recurrent_ttt_mlp(
@@ -53,11 +58,12 @@ def recurrent_ttt_mlp(
     online: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...], tuple[Tensor, ...]]:
     """TTT-MLP, primal form. Arguments and returns as :func:`.chunk.chunk_ttt_mlp`, plus ``online``."""
-    offsets = check_ttt_args("mlp", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset)
-    return _recurrent(_mlp_token, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets, online)
+    start = check_ttt_args("mlp", q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset, on_device=True)
+    return _recurrent(_mlp_token, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, start, online)
 
 
-def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offsets, online):
+def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, start, online):
+    """The scan from ``start`` (int64 [B] on ``q``'s device); no host read of tensor values."""
     B, T, H, D = q.shape
     b = token_idx.numel()
     dt = compute_dtype(q, params[0])
@@ -68,7 +74,6 @@ def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, gr
         gamma, beta = ln_weight.to(dt)[:, None, :], ln_bias.to(dt)[:, None, :]
         state = [p.to(dt) for p in params]
         acc = [torch.zeros_like(p) for p in state] if grads is None else [g.to(dt) for g in grads]
-        start = torch.tensor(offsets, device=q.device)
         zs = []
         for t in range(T):
             pos = (start + t) % b  # [B]
@@ -77,13 +82,12 @@ def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, gr
             acc = [a + c for a, c in zip(acc, contrib, strict=True)]
             weights = [p - tok_t * a for p, a in zip(state, acc, strict=True)]
             zs.append(read(xq[:, :, t], weights))
-            commit = [online or (o + t) % b == b - 1 for o in offsets]
-            if all(commit):
+            if online:
                 state, acc = weights, [torch.zeros_like(a) for a in acc]
-            elif any(commit):
-                m = torch.tensor(commit, device=q.device).view(B, 1, 1, 1)
-                state = [torch.where(m, w, p) for w, p in zip(weights, state, strict=True)]
-                acc = [torch.where(m, 0.0, a) for a in acc]
+            else:
+                commit = (pos == b - 1).view(B, 1, 1, 1)  # the candidate anchor, selected on the device
+                state = [torch.where(commit, w, p) for w, p in zip(weights, state, strict=True)]
+                acc = [a.masked_fill(commit, 0.0) for a in acc]
         z = torch.cat(zs, dim=2)  # [B, H, T, D]
         o = (xq.squeeze(3) + layer_norm(z, gamma, beta)).transpose(1, 2).to(q.dtype)
     return o, tuple(state), tuple(acc)
