@@ -100,3 +100,18 @@ def test_ttt_typo_named_by_check_and_submit(tmp_path, capsys):
         submit(str(config), [], SlurmConfig(cluster="local"))
     assert not (tmp_path / "run").exists()
     assert load_config(TrainConfig, _tiny_with(tmp_path)).ttt["chunk_size"] == 8  # the file itself is fine
+
+
+def test_moshi_ttt_config_inherits_the_in_place_fields_without_restating_them():
+    """`ttt:` (MoshiTTTConfig) takes every InPlaceTTTConfig field, with its type and default, by inheritance: a
+    field restated in MoshiTTTConfig's own body (a second default to keep in sync) fails here."""
+    from ttt_speech.integrations.moshi import MoshiTTTConfig
+    from ttt_speech.integrations.moshi_inplace import InPlaceTTTConfig
+
+    inplace = {f.name: f for f in dataclasses.fields(InPlaceTTTConfig)}
+    moshi = {f.name: f for f in dataclasses.fields(MoshiTTTConfig)}
+    assert set(inplace) <= set(moshi) and "chunk_size" in inplace
+    for name, f in inplace.items():
+        assert (moshi[name].type, moshi[name].default) == (f.type, f.default), name
+    restated = sorted(set(MoshiTTTConfig.__dict__.get("__annotations__", {})) & set(inplace))
+    assert not restated, f"MoshiTTTConfig restates InPlaceTTTConfig's fields {restated}"
