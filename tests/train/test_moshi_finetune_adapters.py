@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from ttt_speech.config import load_config
 from ttt_speech.errors import CheckpointMismatch
 from ttt_speech.integrations.moshi import build_lm, checkpoint_ttt_config, load_ttt_lm, tiny_lm_kwargs
+from ttt_speech.integrations.moshi_lm import load_moshi_lm
 from ttt_speech.train.adapters import ADAPTERS_FILE, LORA_CONFIG_FILE, load_adapters
 from ttt_speech.train.config import TrainConfig
 from ttt_speech.train.trainer import train
@@ -57,6 +58,8 @@ def test_moshis_loader_reads_the_adapters_into_the_merged_weights(tmp_path) -> N
     merged = load_file(str(export / "model.safetensors"))
     assert_same_weights(moshi.state_dict(), merged)
     assert not torch.equal(merged["text_emb.weight"], load_file(str(base))["text_emb.weight"])
+    ours = load_moshi_lm(base, lm_kwargs=lm_kwargs, lora_weights=export / ADAPTERS_FILE, fuse_lora=True)
+    assert_same_weights(ours.state_dict(), merged)  # the same call behind our name (integrations/moshi_lm.py)
 
 
 def test_our_loader_reads_the_adapters_of_a_ttt_run(tmp_path) -> None:
