@@ -115,3 +115,19 @@ def test_moshi_ttt_config_inherits_the_in_place_fields_without_restating_them():
         assert (moshi[name].type, moshi[name].default) == (f.type, f.default), name
     restated = sorted(set(MoshiTTTConfig.__dict__.get("__annotations__", {})) & set(inplace))
     assert not restated, f"MoshiTTTConfig restates InPlaceTTTConfig's fields {restated}"
+
+
+def test_model_lm_kwargs_errors_name_the_key_and_file(tmp_path):
+    from ttt_speech.train.model import resolve_lm_kwargs
+
+    bad, listed = tmp_path / "bad.json", tmp_path / "list.json"
+    bad.write_text("{dim: 64")
+    listed.write_text("[64]")
+    with pytest.raises(ConfigError, match=r"model\.lm_kwargs: expected 'tiny', 'moshi-7b', a mapping or a JSON file, "
+                                          r"got 3"):
+        resolve_lm_kwargs(3)
+    with pytest.raises(ConfigError, match=rf"model\.lm_kwargs: {bad}: not a readable JSON file .*line 1"):
+        resolve_lm_kwargs(str(bad))
+    with pytest.raises(ConfigError, match=rf"model\.lm_kwargs: {listed}: expected a JSON object .*got list"):
+        resolve_lm_kwargs(str(listed))
+    assert resolve_lm_kwargs("moshi-7b")["dim"] == 4096

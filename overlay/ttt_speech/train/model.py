@@ -28,8 +28,15 @@ def resolve_lm_kwargs(spec: Any) -> dict[str, Any]:
         return moshi_7b_lm_kwargs()
     path = Path(str(spec))
     if not path.is_file():
-        raise ValueError(f"model.lm_kwargs: expected 'tiny', 'moshi-7b', a mapping or a JSON file, got {spec!r}")
-    return json.loads(path.read_text())
+        raise ConfigError(f"model.lm_kwargs: expected 'tiny', 'moshi-7b', a mapping or a JSON file, got {spec!r}")
+    try:
+        kwargs = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.lm_kwargs: {path}: not a readable JSON file of LMModel arguments: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model.lm_kwargs: {path}: expected a JSON object of LMModel arguments, got "
+                          f"{type(kwargs).__name__}")
+    return kwargs
 
 
 def resolve_ttt_config(cfg: TrainConfig) -> moshi_int.MoshiTTTConfig | None:
