@@ -3,9 +3,12 @@
 
 Prefill throughput (frames/s of `LMModel.forward_text` over a whole sequence) and per-frame streaming latency
 (one `forward_text` call per frame inside `model.streaming`), for a tiny and a mid-size config. Prints a table and
-writes JSON. Random weights; timings only.
+writes JSON. Random weights; timings only. Variants: "none" (the base model), "inplace" (In-Place TTT, the product
+with the fast weight in float32) and, in bf16, "inplace_split" (`split_product`: the base model's bf16 product plus
+the float32 delta's, the prefill fast path). Overheads are against "none" of the same config.
 
     python scripts/bench_moshi_ttt.py [--out bench/moshi_ttt.json] [--device cpu|cuda] [--dtype fp32|bf16]
+                                      [--variants none inplace inplace_split] [--threads N]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +34,9 @@ CONFIGS = {
     "mid": dict(lm=tiny_lm_kwargs(dim=512, num_heads=8, num_layers=12, context=750, depformer_dim=128,
                                   depformer_dim_feedforward=528), frames=1024, chunk=256, stream_frames=300),
 }
+
+
+VARIANTS = {"none": None, "inplace": False, "inplace_split": True}  # variant -> MoshiTTTConfig.split_product
 
 
 def sync(device: str) -> None:
@@ -71,41 +78,57 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                    help="default: none inplace, and inplace_split in bf16")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    variants = args.variants or ["none", "inplace"] + (["inplace_split"] if args.dtype == "bf16" else [])
+    if "none" not in variants:
+        ap.error("--variants needs none (the overheads are against it)")
     rows = []
     for name in args.configs:
         spec = CONFIGS[name]
-        for ttt in (False, True):
+        for variant in variants:
+            ttt = variant != "none"
             model = build_lm(spec["lm"], seed=0, device=args.device, dtype=dtype).eval()
             if ttt:
-                apply_ttt(model, MoshiTTTConfig(chunk_size=spec["chunk"], every=6))
+                apply_ttt(model, MoshiTTTConfig(chunk_size=spec["chunk"], every=6,
+                                                split_product=VARIANTS[variant]))
             g = torch.Generator().manual_seed(0)
             seq = torch.randint(0, model.card, (1, model.num_codebooks, spec["frames"]), generator=g)
             seq[:, 0] = torch.randint(0, model.text_card, (1, spec["frames"]), generator=g)
             seq = seq.to(args.device)
             fps = prefill_fps(model, seq, args.device, args.repeats)
             lat = stream_latency_ms(model, seq[:, :, :spec["stream_frames"]], args.device)
-            rows.append({"config": name, "ttt": "inplace" if ttt else "none", "dim": model.dim,
+            rows.append({"config": name, "ttt": variant, "dim": model.dim,
                          "layers": len(model.transformer.layers), "chunk": spec["chunk"] if ttt else None,
                          "prefill_frames": spec["frames"], "prefill_fps": fps, **lat})
     for name in args.configs:
-        base, ttt = [r for r in rows if r["config"] == name]
-        ttt["prefill_overhead_pct"] = 100 * (base["prefill_fps"] / ttt["prefill_fps"] - 1)
-        ttt["stream_overhead_pct"] = 100 * (ttt["median_ms"] / base["median_ms"] - 1)
-    header = f"{'config':<6} {'ttt':<8} {'dim':>4} {'L':>3} {'chunk':>5} {'prefill f/s':>12} {'overhead':>9} " \
+        base, *ttts = [r for r in rows if r["config"] == name]
+        for ttt in ttts:
+            ttt["prefill_overhead_pct"] = 100 * (base["prefill_fps"] / ttt["prefill_fps"] - 1)
+            ttt["stream_overhead_pct"] = 100 * (ttt["median_ms"] / base["median_ms"] - 1)
+    header = f"{'config':<6} {'ttt':<13} {'dim':>4} {'L':>3} {'chunk':>5} {'prefill f/s':>12} {'overhead':>9} " \
              f"{'stream ms (med/p99/max)':>24} {'overhead':>9}"
-    print(f"device {args.device} dtype {args.dtype} torch {torch.__version__} threads {torch.get_num_threads()}")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"device {args.device} dtype {args.dtype} torch {torch.__version__} threads {torch.get_num_threads()} "
+          f"commit {commit} load {load}")
     print(header)
     for r in rows:
         ov = f"{r.get('prefill_overhead_pct', 0):+.1f}%" if r["ttt"] != "none" else ""
         so = f"{r.get('stream_overhead_pct', 0):+.1f}%" if r["ttt"] != "none" else ""
-        print(f"{r['config']:<6} {r['ttt']:<8} {r['dim']:>4} {r['layers']:>3} {r['chunk'] or '':>5} "
+        print(f"{r['config']:<6} {r['ttt']:<13} {r['dim']:>4} {r['layers']:>3} {r['chunk'] or '':>5} "
               f"{r['prefill_fps']:>12.0f} {ov:>9} "
               f"{r['median_ms']:>8.2f}/{r['p99_ms']:>6.2f}/{r['max_ms']:>7.2f} {so:>9}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                                     "threads": torch.get_num_threads(), "machine": platform.machine(),
+                                    "commit": commit, "load_avg_1min": load, "repeats": args.repeats,
                                     "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

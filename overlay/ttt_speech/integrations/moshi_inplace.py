@@ -123,8 +123,9 @@ class InPlaceTTTState(State):
 
     Args:
         w: the fast weight W_down at the start of the current chunk, [B, D, H].
-        z_buf: Z of the current chunk's tokens so far, [B, C, H]: the first `pos` rows, zeros after them.
-        x0_buf: X0 of the same tokens, [B, C, D], zeros after them (the conv's zero padding at the chunk's end).
+        z_buf: Z of the current chunk's tokens so far, [B, C, H]: the first `pos` rows (the rest is stale; reads
+            are masked by position).
+        x0_buf: X0 of the same tokens, [B, C, D].
         pos: tokens of the current chunk seen so far, [B] (long).
         w0: the initial fast weight rows return to on reset, [D, H].
         chunks: chunk updates applied to each row since its start or reset, [B] (long).
@@ -417,55 +418,73 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         conv = F.conv1d(window.transpose(1, 2), self.ttt_conv.weight.float(), groups=window.shape[-1])
         return conv.transpose(1, 2) @ self.ttt_target.weight.float().t()
 
-    def _product(self, z: torch.Tensor, w: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
+    def _product(self, z: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
                  dtype: torch.dtype) -> torch.Tensor:
-        """One frame's output from fast weight w [B, D, H]: [B, 1, D] in `dtype`."""
+        """One frame's output from the fast weight: [B, 1, D] in `dtype`. Split: the TTT term Z (W - W0)^T with the
+        delta in float32 (a GEMV is bound by memory, not by the product's dtype), exactly zero where W = W0."""
         if base is None:
-            return torch.bmm(z.float(), w.transpose(1, 2)).to(dtype)
-        delta = (w - state.w0).to(base.dtype)  # [B, D, H]: the float32 delta, cast for the product
-        return split_sum(base, torch.bmm(z.to(base.dtype), delta.transpose(1, 2)), dtype)
+            return torch.bmm(z.float(), state.w.transpose(1, 2)).to(dtype)
+        return split_sum(base, torch.bmm(z.float(), (state.w - state.w0).transpose(1, 2)), dtype)
 
     def _stream_frame(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
                       dtype: torch.dtype) -> torch.Tensor:
-        """One frame per row at its chunk position p (a device tensor); rows outside `exec_mask` keep their state."""
+        """One frame per row at its chunk position p (a device tensor); rows outside `exec_mask` keep their state.
+
+        Memory traffic per frame in units of one [B, D, H] float32 pass: the product reads W (1), the accumulator
+        update reads and writes `acc` (2), the end-of-chunk update W += f lr acc with f = 1 on completing rows and
+        0 elsewhere (3), and the accumulator's reset (2); split_product adds 3, decay 6, clip_tau 1, max_delta the
+        general `advance_fast_weight` and a select (about 20). Nothing else touches [B, D, H].
+        """
         cfg, C = self.config, self.config.chunk_size
         left, right = self._conv_taps()
         B, _, H = z.shape
         D = x0.shape[-1]
         p, run = state.pos, state.exec_mask
-        out = self._product(z, state.w, state, base, dtype)
-        zf = z.float()
-        for buf, new in ((state.z_buf, zf), (state.x0_buf, x0)):  # the frame into the buffers at p
+        out = self._product(z, state, base, dtype)
+        for buf, new in ((state.z_buf, z.float()), (state.x0_buf, x0)):  # the frame into the buffers at p
             at = p.view(B, 1, 1).expand(B, 1, new.shape[-1])
             buf.scatter_(1, at, torch.where(run.view(B, 1, 1), new, buf.gather(1, at)))
-        # the frames s = p - right .. p: the first one's target is final; the others read the zeros past p, which
-        # is their target only if the chunk ends at p
+        # the frames s = p - right .. p: the first one's target is final; the others read zeros past p, which is
+        # their target only if the chunk ends at p
         q = p[:, None] + torch.arange(-(left + right), right + 1, device=p.device)  # [B, K + right] window
         window = state.x0_buf.gather(1, q.clamp(0, C - 1)[..., None].expand(B, -1, D))
-        window = window * ((q >= 0) & (q < C))[..., None]
+        window = window * ((q >= 0) & (q <= p[:, None]))[..., None]
         v = self._window_targets(window)  # [B, 1 + right, D]
         s = q[:, left + right:] - right  # [B, 1 + right]
         z_s = state.z_buf.gather(1, s.clamp(min=0)[..., None].expand(B, -1, H))
         complete = p == C - 1
-        first = torch.arange(right + 1, device=p.device) == 0
-        m = ((s >= 0) & (first | complete[:, None])).float()[..., None]  # [B, 1 + right, 1]
-        acc = state.acc + torch.bmm((v * m).transpose(1, 2), z_s)  # [B, D, H]
-        dw = acc
-        if cfg.centre_update:  # V minus its chunk mean: sum v z^T - (sum v)(sum z)^T / C
-            v_sum, z_sum = state.v_sum + (v * m).sum(1), state.z_sum + (z_s * m).sum(1)
-            dw = acc - v_sum[:, :, None] * z_sum[:, None, :] / C
-        w = advance_fast_weight(state.w, state.w0, dw, cfg.lr, cfg.clip_tau, cfg.decay, cfg.max_delta)
         done = complete & run
-        state.w.copy_(torch.where(done[:, None, None], w, state.w))
-        state.acc.copy_(torch.where(run[:, None, None], acc, state.acc))
-        if cfg.centre_update:
-            state.v_sum.copy_(torch.where(run[:, None], v_sum, state.v_sum))
-            state.z_sum.copy_(torch.where(run[:, None], z_sum, state.z_sum))
-        for t in (state.z_buf, state.x0_buf, state.acc, state.v_sum, state.z_sum):  # a new chunk starts empty
+        first = torch.arange(right + 1, device=p.device) == 0
+        m = ((s >= 0) & (first | complete[:, None]) & run[:, None]).float()[..., None]  # [B, 1 + right, 1]
+        vm = v * m
+        state.acc.baddbmm_(vm.transpose(1, 2), z_s)  # rows that do not run add zero
+        f = done.float()[:, None, None]  # [B, 1, 1]
+        if cfg.centre_update:  # V minus its chunk mean: sum v z^T - (sum v)(sum z)^T / C, on completing rows
+            state.v_sum.add_(vm.sum(1))
+            state.z_sum.add_((z_s * m).sum(1))
+            state.acc.baddbmm_(state.v_sum[:, :, None] * (-f / C), state.z_sum[:, None, :])
+        self._finish_chunks(state, done, f)
+        for t in (state.acc, state.v_sum, state.z_sum):  # a new chunk starts empty
             t.masked_fill_(done.view(-1, *[1] * (t.dim() - 1)), 0)
         state.pos.copy_(torch.where(run, (p + 1) % C, p))
         state.chunks.add_(done.long())
         return out
+
+    def _finish_chunks(self, state: InPlaceTTTState, done: torch.Tensor, f: torch.Tensor) -> None:
+        """W <- W0 + bound(decay (W - W0) + lr clip(acc)) in place on the rows in `done` [B] (f: done as [B, 1, 1]
+        float), by per-row coefficients that are the identity elsewhere (no select, no host branch)."""
+        cfg = self.config
+        if cfg.max_delta is not None:  # non-linear in W: the general step, then a select
+            w = advance_fast_weight(state.w, state.w0, state.acc, cfg.lr, cfg.clip_tau, cfg.decay, cfg.max_delta)
+            state.w.copy_(torch.where(done[:, None, None], w, state.w))
+            return
+        step = cfg.lr * f
+        if cfg.clip_tau is not None:
+            step = step * (cfg.clip_tau / torch.linalg.matrix_norm(state.acc).clamp_min(1e-30)).clamp(max=1.0)[
+                :, None, None]
+        if cfg.decay is not None:  # W0 + decay (W - W0) = W - (1 - decay) f (W - W0)
+            state.w.addcmul_(state.w - state.w0, f, value=-(1.0 - cfg.decay))
+        state.w.addcmul_(state.acc, step)
 
     def _stream_span(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
                      dtype: torch.dtype) -> torch.Tensor:
