@@ -114,6 +114,27 @@ def recall(model, turns: list[int], n: int = 16, seed: int = 0, turn_len: int = 
     return rows
 
 
+def load_lora_student(model, cfg, path: Path, device: str) -> None:
+    """The run's LoRA adapters on `model` (its base, with TTT), and the trained tensors of `path` (the export's
+    `lora.safetensors`): exactly what trained, no more, no less."""
+    from safetensors.torch import load_file
+
+    from ttt_speech.integrations.llama_train import apply_lora, trainable_names
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: a LoRA run's export holds its adapters there (exported before LoRA?)")
+    keep = trainable_names(model, cfg.llama.trainable)
+    if cfg.lora.ft_embed:
+        keep |= {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    apply_lora(model, cfg.lora.rank, cfg.lora.scaling, keep_full=keep)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = load_file(str(path), device=device)
+    if set(state) != trained:
+        missing, extra = sorted(trained - set(state)), sorted(set(state) - trained)
+        raise ValueError(f"{path}: expected the run's trained tensors; missing {missing[:3]}, unexpected {extra[:3]}")
+    model.load_state_dict(state, strict=False)  # the rest is the base, as built: checked above
+
+
 def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, tokens: int | None = None,
                  docs: int = 16, bins: int = 4, turns: Sequence[int] = (0, 2, 6), device: str = "cpu",
                  out: str | Path | None = None) -> dict[str, Any]:
@@ -127,6 +148,7 @@ def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, token
     from ttt_speech.config import load_config
     from ttt_speech.integrations.llama_train import build_llama, speech_frontend
     from ttt_speech.train.config import TrainConfig
+    from ttt_speech.train.llama import LORA_FILE
     from ttt_speech.train.llama_config import stage_seq_len
     from ttt_speech.train.llama_data import build_llama_loader
 
@@ -140,7 +162,10 @@ def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, token
         raise FileNotFoundError(f"{weights}: no export (the run has not finished, or pass export=)")
     model = build_llama(cfg.model.lm_kwargs, cfg.model.checkpoint, cfg.ttt, seed=cfg.seed,
                         device=torch.device(device), dtype=torch.float32)
-    model.load_state_dict(load_file(str(weights), device=device))  # every key: a misfit export raises
+    if cfg.lora.enable:  # the student is the base + adapters + TTT; the teacher the base alone (adapters off)
+        load_lora_student(model, cfg, export / LORA_FILE, device)
+    else:
+        model.load_state_dict(load_file(str(weights), device=device))  # every key: a misfit export raises
     tokens = tokens or 4 * stage_seq_len(cfg.stage_list()[-1], cfg)
     source = cfg.llama.val_data or cfg.llama.train_data
     tokenizer = None

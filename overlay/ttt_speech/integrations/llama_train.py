@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,7 +248,10 @@ def ttt_bypassed(model: nn.Module) -> Iterator[None]:
     layers = model.model.layers
     teacher: dict[int, nn.Module] = getattr(model, TEACHER_ATTR, {})
     swapped, flagged = {}, []
+    adapters = [m for m in model.modules() if _is_lora_layer(m) and not m.disable_adapters]
     try:
+        for m in adapters:  # LoRA is the student's: the teacher is the base model
+            m.enable_adapters(False)
         for idx in ttt_modules(model):
             attn = layers[idx].self_attn
             if isinstance(attn, LlamaTTTSelfAttention):
@@ -265,6 +269,33 @@ def ttt_bypassed(model: nn.Module) -> Iterator[None]:
             layers[idx].self_attn = attn
         for attn in flagged:
             attn.ttt_bypass = False
+        for m in adapters:
+            m.enable_adapters(True)
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "enable_adapters")
+
+
+LORA_TARGETS = re.compile(r"\blayers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|"
+                          r"mlp\.(gate_proj|up_proj|down_proj))$")
+
+
+def apply_lora(model: nn.Module, rank: int, scaling: float, keep_full: set[str]) -> list[str]:
+    """peft LoRA (rank `rank`, alpha = scaling * rank, as the Moshi family) on the decoder layers' attention
+    projections and MLP linears: TTT's own projections (`self_attn.ttt.*`), lm_head, the embeddings and
+    LLaMA-Omni's speech modules get none. Every weight is then frozen but the adapters and `keep_full` (the TTT
+    parameters). The distillation teacher runs with the adapters disabled (`ttt_bypassed`). Returns the targets."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and LORA_TARGETS.search(n)]
+    if not targets:
+        raise ValueError("lora.enable: no decoder-layer linear (q/k/v/o_proj, gate/up/down_proj) matched")
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=scaling * rank, target_modules=targets, lora_dropout=0.0,
+                                       bias="none"), model)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name in keep_full)
+    return targets
 
 
 def install_monitor_hooks(model: nn.Module) -> dict[int, nn.Module]:

@@ -29,6 +29,7 @@ from ttt_speech.train.resume import truncate_log
 METRICS = ["step", "stage", "loss", "kl", "hidden_mse", "ce", "lr", "grad_norm", "tokens_per_s"]
 VAL_FIELDS = ["step", "stage", "seq_len", "ppl_student", "ppl_teacher", "kl"]
 BEST = "best"
+LORA_FILE = "lora.safetensors"
 
 
 def kl_teacher_student(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
@@ -105,6 +106,10 @@ class LlamaFamily:
         train = llama_train.trainable_names(model, cfg.llama.trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(name in train)
+        if cfg.lora.enable:  # adapters on the base linears; what `trainable` names trains fully
+            embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+            llama_train.apply_lora(model, cfg.lora.rank, cfg.lora.scaling,
+                                   keep_full=train | (embeddings if cfg.lora.ft_embed else set()))
         self.ttt_layers = sorted(llama_train.install_monitor_hooks(model))
         self.vocab_size = model.config.vocab_size
         self.speech = llama_train.speech_frontend(model)
@@ -270,12 +275,24 @@ class LlamaFamily:
 
     def export(self, model, cfg: TrainConfig, out_dir: Path, rank: int) -> Path | None:
         """A transformers folder (config.json with the TTT fields, model.safetensors) that
-        `from_pretrained_ttt(LlamaTTTForCausalLM, out_dir)` loads."""
+        `from_pretrained_ttt(LlamaTTTForCausalLM, out_dir)` loads. With `lora.enable` the adapters are merged into
+        model.safetensors, and `lora.safetensors` holds what trained (the adapters under peft's names, the TTT
+        parameters), so that `ttt-speech eval llama` rebuilds the teacher as the base without them."""
         bad = nonfinite_parameters(model)
         if bad:
             raise CheckpointError(f"{out_dir}: not exporting non-finite weights ({', '.join(bad[:5])})")
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
+            if cfg.lora.enable:
+                from safetensors.torch import save_file
+
+                from ttt_speech.train.model import merge_lora
+
+                trained = {n for n, p in model.named_parameters() if p.requires_grad}
+                out_dir.mkdir(parents=True, exist_ok=True)
+                save_file({k: state[k].contiguous() for k in sorted(trained)}, str(out_dir / LORA_FILE),
+                          metadata={"format": "pt"})
+                state = merge_lora(state, cfg.lora.scaling)
             llama_train.save_export(model, state, out_dir)
         barrier()
         return out_dir if rank == 0 else None

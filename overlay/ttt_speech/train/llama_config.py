@@ -116,9 +116,14 @@ def check_llama_family(cfg) -> None:
     if cfg.data != DataConfig():
         raise ConfigError("data: configures Moshi's audio pipeline; with model.family: llama the data are "
                           "llama.train_data / llama.val_data / llama.tokenizer")
-    if cfg.lora != LoraConfig():
-        raise ConfigError("lora: not available with model.family: llama (TTT parameters, gates and norms train; "
-                          "llama.trainable: all trains every weight)")
+    if cfg.lora != LoraConfig() and not cfg.lora.enable:
+        raise ConfigError("lora.rank / lora.scaling / lora.ft_embed are set but lora.enable is false")
+    if cfg.lora.enable and cfg.llama.trainable == "all":
+        raise ConfigError("lora.enable with llama.trainable: all: every weight would train fully anyway; use "
+                          "llama.trainable: ttt (adapters on the base linears, the TTT parameters fully)")
+    if cfg.lora.ft_embed and cfg.llama.objective == "distill":
+        raise ConfigError("lora.ft_embed with llama.objective: distill: the embeddings feed the teacher too, so "
+                          "training them moves it; use it with llama.objective: finetune")
     if cfg.model.context is not None:
         raise ConfigError("model.context is Moshi's attention window; with model.family: llama set the window in "
                           "the model's config (lm_kwargs)")
