@@ -71,3 +71,31 @@ def test_bad_shapes_raise():
     z, v, w, C = _inputs()
     with pytest.raises(ValueError, match="w_base"):
         split_inplace_ttt(z, v, w, w[None], 1e-2, C)
+
+
+def test_chunk_fast_weights_are_the_weights_each_chunk_reads():
+    from ttt_speech.ops.inplace_ttt import chunk_fast_weights, naive_chunk_inplace_ttt
+
+    z, v, w, C = _inputs(3, T=32)
+    start = w + 0.01 * torch.randn(2, *w.shape, generator=torch.Generator().manual_seed(4))
+    for kw in ({}, {"decay": 0.8}, {"max_delta": 0.05, "clip_tau": 1.0}):
+        zc, ws = chunk_fast_weights(z, v, start, w, 1e-2, C, **kw)
+        assert zc.shape == (2, 4, C, z.shape[-1]) and ws.shape == (2, 5, *w.shape)
+        torch.testing.assert_close(ws[:, 0], start, rtol=0, atol=0)
+        for i in range(1, 5):  # the naive reference over the first i chunks ends on the weight chunk i reads
+            _, w_i = naive_chunk_inplace_ttt(z[:, :i * C], v[:, :i * C], start, 1e-2, C, w_ref=w, **kw)
+            torch.testing.assert_close(ws[:, i], w_i, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="whole chunks"):
+        chunk_fast_weights(z[:, :30], v[:, :24], w, w, 1e-2, C)
+
+
+def test_split_sum_adds_in_float32_and_rounds_once():
+    from ttt_speech.ops.inplace_ttt import split_sum
+
+    base = torch.tensor([1.0], dtype=torch.bfloat16)
+    ttt = torch.tensor([2.0**-8 + 2.0**-17])  # just over half an ulp of 1.0 in bf16
+    assert torch.equal(split_sum(base, torch.zeros(1)), base)
+    assert split_sum(base, ttt, torch.float32).item() == 1.0 + 2.0**-8 + 2.0**-17  # a float32 output keeps it
+    # bf16: one rounding of the exact sum (up to 1 + 2^-7); rounding the term to bf16 first gives a tie, kept at 1
+    assert split_sum(base, ttt).item() == 1.0 + 2.0**-7
+    assert (base + ttt.bfloat16()).item() == 1.0
