@@ -126,6 +126,11 @@ def test_greedy_generate_with_the_cache_equals_full_recomputation(mode: str, lay
     assert cache.get_seq_length() == prompt.shape[1] + n - 1  # layer 0 is a TTT layer in replace mode
     assert sorted(cache.ttt_states) == list(layers)
     assert all(t.dtype == torch.float32 for s in cache.ttt_states.values() for t in s.params.values())
+    # transformers 4.43's own way to give generate a cache: pass it; generate fills and returns that object
+    mine = TTTDynamicCache()
+    out_p = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                           return_dict_in_generate=True, past_key_values=mine)
+    assert torch.equal(out_p.sequences[:, prompt.shape[1]:], ref) and out_p.past_key_values is mine
     # LLaMA-Omni's generate passes only inputs_embeds
     emb = model.get_input_embeddings()(prompt)
     out_e = model.generate(inputs_embeds=emb, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
@@ -247,13 +252,30 @@ def test_fp16_and_bf16_models_keep_fp32_ttt_state() -> None:
 def test_unsupported_caches_and_legacy_continuations_are_refused() -> None:
     model = make_model("replace")
     # generate refuses a static cache up front (test_generate_refuses_caches_...); a forward given one, here
-    with pytest.raises(ValueError, match="TTT layer 0: past_key_values must be a DynamicCache"), torch.no_grad():
+    with pytest.raises(ValueError, match="past_key_values must be a TTTDynamicCache .* got StaticCache"), \
+            torch.no_grad():
         model(ids(1, 5), past_key_values=StaticCache(model.config, 1, 8, "cpu", torch.float32), use_cache=True)
     with torch.no_grad():
-        legacy = model(ids(1, 5), use_cache=True).past_key_values  # tuples: KV of layers 1 and 3 only
+        kept = model(ids(1, 5), use_cache=True).past_key_values  # eval with use_cache: a TTTDynamicCache, not tuples
+        assert isinstance(kept, TTTDynamicCache) and sorted(kept.ttt_states) == [0, 2]
+        legacy = kept.to_legacy_cache()  # tuples: KV of layers 1 and 3 only
         assert isinstance(legacy, tuple) and len(legacy) == 2
-        with pytest.raises(ValueError, match="already holds 5 tokens but no TTT state"):
+        with pytest.raises(ValueError, match="legacy KV tuples hold no TTT state"):
             model(ids(1, 1), past_key_values=legacy, use_cache=True)
+        with pytest.raises(ValueError, match="the DynamicCache already holds 5 tokens but no TTT state"):
+            model(ids(1, 1), past_key_values=DynamicCache.from_legacy_cache(legacy), use_cache=True)
+        # an empty DynamicCache (generate's default) is handed over to a TTTDynamicCache, which the forward returns;
+        # passing the emptied DynamicCache again would silently restart, so it is refused
+        plain = DynamicCache()
+        out = model(ids(1, 5), past_key_values=plain, use_cache=True).past_key_values
+        assert isinstance(out, TTTDynamicCache) and out.get_seq_length() == 5
+        assert type(plain) is DynamicCache and len(plain.key_cache) == 0  # not turned into a TTTDynamicCache
+        positional = model.model(ids(1, 3), None, None, DynamicCache(), use_cache=True).past_key_values
+        assert isinstance(positional, TTTDynamicCache) and sorted(positional.ttt_states) == [0, 2]
+        with pytest.raises(ValueError, match="handed over to a TTTDynamicCache by an earlier forward"):
+            model(ids(1, 1), past_key_values=plain, use_cache=True)
+        with pytest.raises(ValueError, match="TTT layer 0: past_key_value must be a TTTDynamicCache, got DynamicCache"):
+            model.model.layers[0](torch.zeros(1, 2, 64), past_key_value=DynamicCache(), use_cache=True)
     cache = TTTDynamicCache()
     with torch.no_grad():
         model(ids(1, 5), past_key_values=cache, use_cache=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import weakref
 from typing import Any
 
 import torch
@@ -14,6 +14,10 @@ from ttt_speech.nn import TTTState
 
 logger = logging.getLogger(__name__)
 
+# plain DynamicCaches that `TTTDynamicCache.supply` replaced (generate's default, one per call), by id (they are not
+# hashable); weak, so they go with the generate call that made them
+_HANDED_OVER: weakref.WeakValueDictionary[int, DynamicCache] = weakref.WeakValueDictionary()
+
 
 class TTTDynamicCache(DynamicCache):
     """transformers 4.43 `DynamicCache` holding KV for attention layers and a float32 `TTTState` for TTT layers.
@@ -23,8 +27,9 @@ class TTTDynamicCache(DynamicCache):
     `ttt_states[layer_idx]`. `get_seq_length(i)` is the KV length of layer i, or the number of tokens TTT layer i has
     seen, so `generate` derives the right `cache_position` also with a TTT layer at index 0.
 
-    `generate` builds a plain `DynamicCache`; the first TTT layer that sees it turns it into a `TTTDynamicCache` in
-    place (the same object, which `LlamaModel` and `generate` keep). `reorder_cache` (beam search),
+    `apply_ttt` puts `supply` in front of the decoder (a forward pre-hook of `model.model`): `generate`'s empty
+    `DynamicCache` (or none, in eval with `use_cache`) is handed over to a fresh `TTTDynamicCache`, which the layers
+    fill and the forward returns as `past_key_values`, so `generate` carries it on. `reorder_cache` (beam search),
     `batch_select_indices`, `batch_repeat_interleave`, `batch_split` and `from_batch_splits` move TTT rows with the
     KV rows. `crop` cannot rewind fast weights and raises. Legacy tuples (`to_legacy_cache`) carry no TTT state.
 
@@ -36,34 +41,48 @@ class TTTDynamicCache(DynamicCache):
 
     def __init__(self) -> None:
         super().__init__()
-        self._init_ttt()
-
-    def _init_ttt(self, kv_layers: Sequence[int] = ()) -> None:
         self.ttt_states: dict[int, TTTState] = {}
         self.token_mask: Tensor | None = None
-        self._kv_slot: dict[int, int] = {layer: slot for slot, layer in enumerate(kv_layers)}
+        self._kv_slot: dict[int, int] = {}
         self._ttt_seen: dict[int, int] = {}
 
     @classmethod
-    def adopt(cls, cache: Any, layer_idx: int, cache_position: Tensor | None) -> TTTDynamicCache:
-        """`cache` as a `TTTDynamicCache`: itself, or a plain `DynamicCache` of this forward, turned in place."""
-        if isinstance(cache, TTTDynamicCache):
-            return cache
-        if type(cache) is not DynamicCache:
+    def supply(cls, past_key_values: Any, *, create: bool) -> TTTDynamicCache | None:
+        """The cache a forward of a TTT model runs with, given its `past_key_values` argument.
+
+        A `TTTDynamicCache` is used as it is. An empty plain `DynamicCache` (what `generate` passes to its first
+        forward) is replaced by a new `TTTDynamicCache`; the forward returns that one, and the `DynamicCache` stays
+        empty, so passing it again is refused. None gives a new cache when `create` (LlamaModel would build a
+        `DynamicCache` itself: eval with `use_cache`), else None.
+
+        Raises:
+            ValueError: a plain `DynamicCache` or legacy tuples holding tokens (no TTT state to continue from), a
+                `DynamicCache` already handed over, or another `Cache` class (static, sliding-window, quantized and
+                offloaded caches have no room for TTT states).
+        """
+        if isinstance(past_key_values, TTTDynamicCache):
+            return past_key_values
+        if past_key_values is None:
+            return cls() if create else None
+        if isinstance(past_key_values, (tuple, list)):
+            return cls.from_legacy_cache(past_key_values)
+        if type(past_key_values) is not DynamicCache:
             raise ValueError(
-                f"TTT layer {layer_idx}: past_key_values must be a DynamicCache (generate's default) or a "
-                f"TTTDynamicCache, got {type(cache).__name__}; static, sliding-window, quantized and offloaded caches "
-                "cannot hold TTT states (do not set cache_implementation)")
-        start = int(cache_position[0]) if cache_position is not None and cache_position.numel() else 0
-        if start:
+                f"past_key_values must be a TTTDynamicCache (or generate's empty DynamicCache), got "
+                f"{type(past_key_values).__name__}; static, sliding-window, quantized and offloaded caches cannot hold "
+                "TTT states (do not set cache_implementation)")
+        if _HANDED_OVER.get(id(past_key_values)) is past_key_values:
             raise ValueError(
-                f"TTT layer {layer_idx}: the DynamicCache already holds {start} tokens but no TTT state (a cache "
-                "rebuilt from legacy tuples?); pass the TTTDynamicCache returned by the previous call "
-                "(outputs.past_key_values) to continue")
-        # a plain DynamicCache appends KV in call order, so before the first TTT layer slot i is layer i
-        cache.__class__ = cls
-        cache._init_ttt(kv_layers=range(len(cache.key_cache)))
-        return cache
+                "this DynamicCache was handed over to a TTTDynamicCache by an earlier forward and holds nothing; pass "
+                "that call's outputs.past_key_values to continue (or past_key_values=TTTDynamicCache() from the "
+                "start)")
+        seen = past_key_values.get_seq_length()
+        if seen or past_key_values.key_cache:
+            raise ValueError(
+                f"the DynamicCache already holds {seen} tokens but no TTT state; pass the TTTDynamicCache returned by "
+                "the previous call (outputs.past_key_values) to continue")
+        _HANDED_OVER[id(past_key_values)] = past_key_values
+        return cls()
 
     @property
     def kv_layers(self) -> list[int]:

@@ -82,7 +82,12 @@ def ttt_forward(ttt: TTTBase, layer_idx: int, hidden_states: Tensor, attention_m
     B, T = hidden_states.shape[:2]
     cache, state, valid = None, None, None
     if past_key_value is not None:
-        cache = TTTDynamicCache.adopt(past_key_value, layer_idx, cache_position)
+        if not isinstance(past_key_value, TTTDynamicCache):
+            raise ValueError(
+                f"TTT layer {layer_idx}: past_key_value must be a TTTDynamicCache, got "
+                f"{type(past_key_value).__name__} (the model's forward supplies one: call the model, or pass "
+                "past_key_values=TTTDynamicCache())")
+        cache = past_key_value
         state = cache.ttt_states.get(layer_idx)
         valid = cache.token_mask
         if valid is not None and tuple(valid.shape) != (B, T):
@@ -129,6 +134,27 @@ def _gated_residual_hook(attn: nn.Module, args: tuple, kwargs: dict, output: tup
     y = ttt_forward(attn.ttt, attn.layer_idx, x, kwargs.get("attention_mask"), kwargs.get("past_key_value"),
                     kwargs.get("cache_position"))
     return (output[0] + torch.tanh(attn.ttt_gate).to(y.dtype) * y, *output[1:])
+
+
+_PAST_KEY_VALUES_ARG = 3  # LlamaModel.forward(input_ids, attention_mask, position_ids, past_key_values, ...)
+
+
+def _supply_ttt_cache(decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of `model.model` (the `LlamaModel`): its layers get a `TTTDynamicCache`
+    (`TTTDynamicCache.supply`), which the forward returns as `past_key_values`. A new one where LlamaModel would
+    build a `DynamicCache` itself (eval with `use_cache`, no cache given)."""
+    positional = len(args) > _PAST_KEY_VALUES_ARG
+    past = args[_PAST_KEY_VALUES_ARG] if positional else kwargs.get("past_key_values")
+    use_cache = kwargs.get("use_cache")
+    use_cache = decoder.config.use_cache if use_cache is None else use_cache
+    cache = TTTDynamicCache.supply(past, create=bool(use_cache) and not decoder.training)
+    if cache is past:
+        return args, kwargs
+    if positional:
+        args = (*args[:_PAST_KEY_VALUES_ARG], cache, *args[_PAST_KEY_VALUES_ARG + 1:])
+    else:
+        kwargs = {**kwargs, "past_key_values": cache}
+    return args, kwargs
 
 
 def _init_weights_with_ttt(base_init: Any, module: nn.Module) -> None:
@@ -195,8 +221,10 @@ def apply_ttt(model: nn.Module, config: Any = None) -> nn.Module:
     Called by the patched `OmniSpeechLlamaForCausalLM.__init__` before `post_init()`; works on any transformers
     4.43 Llama causal LM. New modules take the dtype and device of their layer; the resolved TTT fields are written
     back to `config` (so `save_pretrained` records them); `model._init_weights` is wrapped so that transformers'
-    init re-runs the TTT modules' own init; `load_state_dict` checks TTT keys by name; `generate` refuses
-    `cache_implementation="static"` / `"quantized"` (they have no room for the TTT state).
+    init re-runs the TTT modules' own init; `load_state_dict` checks TTT keys by name; the decoder (`model.model`)
+    gets a forward pre-hook that gives its layers a `TTTDynamicCache` (`TTTDynamicCache.supply`: `generate`'s default
+    `DynamicCache` is handed over to one); `generate` refuses `cache_implementation="static"` / `"quantized"` (they
+    have no room for the TTT state).
 
     Raises:
         ValueError: `use_ttt` is not set, TTT is already installed, or a field is invalid.
@@ -232,6 +260,8 @@ def apply_ttt(model: nn.Module, config: Any = None) -> nn.Module:
     # the TTT state lives in TTTDynamicCache: transformers refuses its static and quantized caches up front
     model._supports_static_cache = False
     model._supports_quantized_cache = False
+    # the decoder runs with a TTTDynamicCache: generate's default DynamicCache is handed over to one
+    model.model.register_forward_pre_hook(_supply_ttt_cache, with_kwargs=True)
     model._init_weights = functools.partial(_init_weights_with_ttt, type(model)._init_weights.__get__(model))
     model.register_load_state_dict_post_hook(_check_ttt_load)
     return model
