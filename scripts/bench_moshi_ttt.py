@@ -8,7 +8,7 @@ with the fast weight in float32) and, in bf16, "inplace_split" (`split_product`:
 the float32 delta's, the prefill fast path). Overheads are against "none" of the same config.
 
     python scripts/bench_moshi_ttt.py [--out bench/moshi_ttt.json] [--device cpu|cuda] [--dtype fp32|bf16]
-                                      [--variants none inplace inplace_split] [--threads N]
+                                      [--variants none inplace inplace_split] [--threads N] [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ os.environ.setdefault("NO_CUDA_GRAPH", "1")
 
 import torch  # noqa: E402
 
+import ttt_speech  # noqa: E402
 from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, tiny_lm_kwargs  # noqa: E402
 
 CONFIGS = {
@@ -37,6 +38,7 @@ CONFIGS = {
 
 
 VARIANTS = {"none": None, "inplace": False, "inplace_split": True}  # variant -> MoshiTTTConfig.split_product
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def sync(device: str) -> None:
@@ -44,28 +46,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def prefill_fps(model, seq: torch.Tensor, device: str, repeats: int) -> float:
+def prefill_fps(model, seq: torch.Tensor, device: str, repeats: int, clock) -> float:
     times = []
     with torch.no_grad():
         model.forward_text(seq)  # warm-up
         for _ in range(repeats):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             model.forward_text(seq)
             sync(device)
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     return seq.shape[0] * seq.shape[-1] / statistics.median(times)
 
 
-def stream_latency_ms(model, seq: torch.Tensor, device: str) -> dict:
+def stream_latency_ms(model, seq: torch.Tensor, device: str, clock) -> dict:
     lat = []
     with torch.no_grad(), model.streaming(seq.shape[0]):
         for t in range(seq.shape[-1]):
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             model.forward_text(seq[:, :, t:t + 1])
             sync(device)
-            lat.append((time.perf_counter() - t0) * 1e3)
+            lat.append((clock() - t0) * 1e3)
     lat = lat[5:]
     return {"median_ms": statistics.median(lat), "p99_ms": sorted(lat)[int(0.99 * (len(lat) - 1))],
             "max_ms": max(lat)}
@@ -81,7 +83,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
                     help="default: none inplace, and inplace_split in bf16")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared CPU; not for CUDA)")
     args = ap.parse_args()
+    clock = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -95,14 +100,14 @@ def main() -> None:
             ttt = variant != "none"
             model = build_lm(spec["lm"], seed=0, device=args.device, dtype=dtype).eval()
             if ttt:
-                apply_ttt(model, MoshiTTTConfig(chunk_size=spec["chunk"], every=6,
-                                                split_product=VARIANTS[variant]))
+                split = {"split_product": True} if VARIANTS[variant] else {}  # (runs on code without the knob)
+                apply_ttt(model, MoshiTTTConfig(chunk_size=spec["chunk"], every=6, **split))
             g = torch.Generator().manual_seed(0)
             seq = torch.randint(0, model.card, (1, model.num_codebooks, spec["frames"]), generator=g)
             seq[:, 0] = torch.randint(0, model.text_card, (1, spec["frames"]), generator=g)
             seq = seq.to(args.device)
-            fps = prefill_fps(model, seq, args.device, args.repeats)
-            lat = stream_latency_ms(model, seq[:, :, :spec["stream_frames"]], args.device)
+            fps = prefill_fps(model, seq, args.device, args.repeats, clock)
+            lat = stream_latency_ms(model, seq[:, :, :spec["stream_frames"]], args.device, clock)
             rows.append({"config": name, "ttt": variant, "dim": model.dim,
                          "layers": len(model.transformer.layers), "chunk": spec["chunk"] if ttt else None,
                          "prefill_frames": spec["frames"], "prefill_fps": fps, **lat})
@@ -114,10 +119,10 @@ def main() -> None:
     header = f"{'config':<6} {'ttt':<13} {'dim':>4} {'L':>3} {'chunk':>5} {'prefill f/s':>12} {'overhead':>9} " \
              f"{'stream ms (med/p99/max)':>24} {'overhead':>9}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or None
+                            cwd=Path(ttt_speech.__file__).parent).stdout.strip() or None
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"device {args.device} dtype {args.dtype} torch {torch.__version__} threads {torch.get_num_threads()} "
-          f"commit {commit} load {load}")
+          f"clock {args.clock} commit {commit} load {load}")
     print(header)
     for r in rows:
         ov = f"{r.get('prefill_overhead_pct', 0):+.1f}%" if r["ttt"] != "none" else ""
@@ -128,7 +133,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                                     "threads": torch.get_num_threads(), "machine": platform.machine(),
-                                    "commit": commit, "load_avg_1min": load, "repeats": args.repeats,
+                                    "clock": args.clock, "commit": commit, "load_avg_1min": load,
+                                    "repeats": args.repeats, "ttt_code": str(Path(ttt_speech.__file__).parent),
                                     "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
