@@ -157,12 +157,14 @@ class TTTDynamicCache(DynamicCache):
             f"cannot crop a TTT cache from {length} to {max_length} tokens: fast weights cannot be rewound "
             "(assisted decoding and contrastive search are not supported with TTT layers)")
 
+    def _rows(self, idx: Tensor) -> tuple[list[Tensor], list[Tensor], dict[int, TTTState]]:
+        """Rows `idx` (of shape [B'], int64) of every KV tensor and of every TTT state (`TTTState.select_rows`)."""
+        keys = [t.index_select(0, idx.to(t.device)) for t in self.key_cache]
+        values = [t.index_select(0, idx.to(t.device)) for t in self.value_cache]
+        return keys, values, {i: s.select_rows(idx) for i, s in self.ttt_states.items()}
+
     def _select_rows(self, idx: Tensor) -> None:
-        for slot in range(len(self.key_cache)):
-            device = self.key_cache[slot].device
-            self.key_cache[slot] = self.key_cache[slot].index_select(0, idx.to(device))
-            self.value_cache[slot] = self.value_cache[slot].index_select(0, idx.to(device))
-        self.ttt_states = {i: s.index_select(idx) for i, s in self.ttt_states.items()}
+        self.key_cache, self.value_cache, self.ttt_states = self._rows(idx)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Reorder KV and TTT rows for beam search: row r becomes old row `beam_idx[r]`."""
@@ -185,9 +187,7 @@ class TTTDynamicCache(DynamicCache):
     def _copy_rows(self, idx: Tensor) -> TTTDynamicCache:
         out = type(self)()
         out._kv_slot, out._ttt_seen, out._seen_tokens = dict(self._kv_slot), dict(self._ttt_seen), self._seen_tokens
-        out.key_cache = [t.index_select(0, idx.to(t.device)) for t in self.key_cache]
-        out.value_cache = [t.index_select(0, idx.to(t.device)) for t in self.value_cache]
-        out.ttt_states = {i: s.index_select(idx) for i, s in self.ttt_states.items()}
+        out.key_cache, out.value_cache, out.ttt_states = self._rows(idx)
         return out
 
     def batch_split(self, full_batch_size: int, split_size: int) -> list[TTTDynamicCache]:
@@ -207,5 +207,5 @@ class TTTDynamicCache(DynamicCache):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held: `kv` (attention layers) and `ttt` (fast weights, accumulators, positions, conv tails)."""
         kv = sum(t.numel() * t.element_size() for t in (*self.key_cache, *self.value_cache))
-        ttt = sum(t.numel() * t.element_size() for s in self.ttt_states.values() for t in s.tensors())
+        ttt = sum(s.nbytes for s in self.ttt_states.values())
         return {"kv": kv, "ttt": ttt}

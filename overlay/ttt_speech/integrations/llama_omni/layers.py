@@ -62,9 +62,9 @@ def _masked_ttt(ttt: TTTBase, x: Tensor, state: TTTState | None, valid: Tensor |
     for cols, rows in groups.items():
         r_idx, c_idx = torch.tensor(rows), torch.tensor(cols)
         r_dev, c_dev = r_idx.to(x.device), c_idx.to(x.device)
-        y, part = ttt(x.index_select(0, r_dev).index_select(1, c_dev), state.index_select(r_idx))
+        y, part = ttt(x.index_select(0, r_dev).index_select(1, c_dev), state.select_rows(r_idx))
         pieces.append((r_dev, c_dev, y))
-        state = state.index_copy(r_idx, part)
+        state = state.put_rows(r_idx, part)
     dtype = pieces[0][2].dtype if pieces else x.dtype
     out = x.new_zeros(B, T, C, dtype=dtype)
     for r_dev, c_dev, y in pieces:

@@ -262,7 +262,7 @@ def save_conversation(session, row: int, path: str | Path) -> Path:
         tensors[f"kv.{layer}.key"] = k[row][:, live.to(k.device)].contiguous()
         tensors[f"kv.{layer}.value"] = v[row][:, live.to(v.device)].contiguous()
     for layer, state in cache.ttt_states.items():
-        one = state.index_select(torch.tensor([row]))
+        one = state.select_rows(torch.tensor([row]))
         for group, values in (("params", one.params), ("grads", one.grads), ("input", one.input_state)):
             for name, t in values.items():
                 tensors[f"ttt.{layer}.{group}.{name}"] = t[0].contiguous()
@@ -334,7 +334,7 @@ def load_conversation(session, row: int, path: str | Path) -> Hashable:
         if set(one.params) != set(state.params):
             raise ValueError(f"{path}: TTT layer {layer} has fast weights {sorted(one.params)}, the model "
                              f"{sorted(state.params)}")
-        cache.ttt_states[layer] = state.index_copy(rows, one)
+        cache.ttt_states[layer] = state.put_rows(rows, one)
     # KV: the row's columns right-aligned; the other rows gain masked columns on the left when it is longer
     count = int(next((t.shape[1] for k, t in tensors.items() if k.startswith("kv.")), 0))
     S = session.attention_mask.shape[1]
