@@ -2,10 +2,12 @@
 """Benchmark: Moshi with In-Place TTT against plain gating.
 
 Prefill throughput (frames/s of `LMModel.forward_text` over a whole sequence) and per-frame streaming latency
-(one `forward_text` call per frame inside `model.streaming`), for a tiny and a mid-size config. Prints a table and
-writes JSON. Random weights; timings only. Variants: "none" (the base model), "inplace" (In-Place TTT, the product
-with the fast weight in float32) and, in bf16, "inplace_split" (`split_product`: the base model's bf16 product plus
-the float32 delta's, the prefill fast path). Overheads are against "none" of the same config.
+(one `forward_text` call per frame inside `model.streaming`), for a tiny and a mid-size config. The variants are
+measured interleaved (each repeat, and each streamed frame, runs every variant in turn), and the prefill overhead is
+the median of the per-repeat ratios to the base model. Prints a table and writes JSON. Random weights; timings
+only. Variants: "none" (the base model), "inplace" (In-Place TTT, the product with the fast weight in float32) and,
+in bf16, "inplace_split" (`split_product`: the base model's bf16 product plus the float32 delta's, the prefill fast
+path). Overheads are against "none" of the same config.
 
     python scripts/bench_moshi_ttt.py [--out bench/moshi_ttt.json] [--device cpu|cuda] [--dtype fp32|bf16]
                                       [--variants none inplace inplace_split] [--threads N] [--clock wall|cpu]
@@ -14,6 +16,7 @@ the float32 delta's, the prefill fast path). Overheads are against "none" of the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,31 +49,46 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def prefill_fps(model, seq: torch.Tensor, device: str, repeats: int, clock) -> float:
-    times = []
+def prefill_times(models: dict, seq: torch.Tensor, device: str, repeats: int, clock) -> dict[str, list[float]]:
+    """Seconds per whole-sequence `forward_text`, variants interleaved (order rotated each repeat), so that a change
+    of load hits every variant alike."""
+    times: dict[str, list[float]] = {v: [] for v in models}
+    names = list(models)
     with torch.no_grad():
-        model.forward_text(seq)  # warm-up
-        for _ in range(repeats):
-            sync(device)
-            t0 = clock()
-            model.forward_text(seq)
-            sync(device)
-            times.append(clock() - t0)
-    return seq.shape[0] * seq.shape[-1] / statistics.median(times)
+        for model in models.values():
+            model.forward_text(seq)  # warm-up
+        for r in range(repeats):
+            for v in names[r % len(names):] + names[:r % len(names)]:
+                sync(device)
+                t0 = clock()
+                models[v].forward_text(seq)
+                sync(device)
+                times[v].append(clock() - t0)
+    return times
 
 
-def stream_latency_ms(model, seq: torch.Tensor, device: str, clock) -> dict:
-    lat = []
-    with torch.no_grad(), model.streaming(seq.shape[0]):
+def stream_times_ms(models: dict, seq: torch.Tensor, device: str, clock) -> dict[str, list[float]]:
+    """Milliseconds per streamed frame, every variant stepping the same frame in turn (rotated), the first 5
+    frames dropped."""
+    lat: dict[str, list[float]] = {v: [] for v in models}
+    names = list(models)
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        for model in models.values():
+            stack.enter_context(model.streaming(seq.shape[0]))
         for t in range(seq.shape[-1]):
-            sync(device)
-            t0 = clock()
-            model.forward_text(seq[:, :, t:t + 1])
-            sync(device)
-            lat.append((clock() - t0) * 1e3)
-    lat = lat[5:]
-    return {"median_ms": statistics.median(lat), "p99_ms": sorted(lat)[int(0.99 * (len(lat) - 1))],
-            "max_ms": max(lat)}
+            for v in names[t % len(names):] + names[:t % len(names)]:
+                sync(device)
+                t0 = clock()
+                models[v].forward_text(seq[:, :, t:t + 1])
+                sync(device)
+                lat[v].append((clock() - t0) * 1e3)
+    return {v: x[5:] for v, x in lat.items()}
+
+
+def paired_overhead_pct(times: list[float], base: list[float]) -> dict:
+    """Median and range of the per-repeat (or per-frame) ratios to the base model, as overhead percentages."""
+    ratios = sorted(100 * (a / b - 1) for a, b in zip(times, base, strict=True))
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
 
 
 def main() -> None:
@@ -96,26 +114,32 @@ def main() -> None:
     rows = []
     for name in args.configs:
         spec = CONFIGS[name]
+        models = {}
         for variant in variants:
-            ttt = variant != "none"
             model = build_lm(spec["lm"], seed=0, device=args.device, dtype=dtype).eval()
-            if ttt:
+            if variant != "none":
                 split = {"split_product": True} if VARIANTS[variant] else {}  # (runs on code without the knob)
                 apply_ttt(model, MoshiTTTConfig(chunk_size=spec["chunk"], every=6, **split))
-            g = torch.Generator().manual_seed(0)
-            seq = torch.randint(0, model.card, (1, model.num_codebooks, spec["frames"]), generator=g)
-            seq[:, 0] = torch.randint(0, model.text_card, (1, spec["frames"]), generator=g)
-            seq = seq.to(args.device)
-            fps = prefill_fps(model, seq, args.device, args.repeats, clock)
-            lat = stream_latency_ms(model, seq[:, :, :spec["stream_frames"]], args.device, clock)
-            rows.append({"config": name, "ttt": variant, "dim": model.dim,
-                         "layers": len(model.transformer.layers), "chunk": spec["chunk"] if ttt else None,
-                         "prefill_frames": spec["frames"], "prefill_fps": fps, **lat})
-    for name in args.configs:
-        base, *ttts = [r for r in rows if r["config"] == name]
-        for ttt in ttts:
-            ttt["prefill_overhead_pct"] = 100 * (base["prefill_fps"] / ttt["prefill_fps"] - 1)
-            ttt["stream_overhead_pct"] = 100 * (ttt["median_ms"] / base["median_ms"] - 1)
+            models[variant] = model
+        g = torch.Generator().manual_seed(0)
+        seq = torch.randint(0, model.card, (1, model.num_codebooks, spec["frames"]), generator=g)
+        seq[:, 0] = torch.randint(0, model.text_card, (1, spec["frames"]), generator=g)
+        seq = seq.to(args.device)
+        prefill = prefill_times(models, seq, args.device, args.repeats, clock)
+        stream = stream_times_ms(models, seq[:, :, :spec["stream_frames"]], args.device, clock)
+        for variant, model in models.items():
+            lat = sorted(stream[variant])
+            row = {"config": name, "ttt": variant, "dim": model.dim, "layers": len(model.transformer.layers),
+                   "chunk": spec["chunk"] if variant != "none" else None, "prefill_frames": spec["frames"],
+                   "prefill_fps": spec["frames"] / statistics.median(prefill[variant]),
+                   "prefill_s": prefill[variant], "median_ms": statistics.median(lat),
+                   "p99_ms": lat[int(0.99 * (len(lat) - 1))], "max_ms": lat[-1]}
+            if variant != "none":
+                row["prefill_overhead_pct"] = paired_overhead_pct(prefill[variant], prefill["none"])["median"]
+                row["prefill_overhead_range_pct"] = paired_overhead_pct(prefill[variant], prefill["none"])
+                row["stream_overhead_pct"] = 100 * (row["median_ms"] / statistics.median(stream["none"]) - 1)
+                row["stream_overhead_paired_pct"] = paired_overhead_pct(stream[variant], stream["none"])
+            rows.append(row)
     header = f"{'config':<6} {'ttt':<13} {'dim':>4} {'L':>3} {'chunk':>5} {'prefill f/s':>12} {'overhead':>9} " \
              f"{'stream ms (med/p99/max)':>24} {'overhead':>9}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
