@@ -13,6 +13,7 @@ replaced layers' attention weights are kept twice.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -77,10 +78,11 @@ def model_classes(model_type: str) -> tuple[type, type]:
     raise ValueError(f"model_type {model_type!r}: model.family: llama trains 'llama' or {list(OMNI_TYPES)}")
 
 
-def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: dict[str, Any] | None, *, seed: int,
+def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: Any, *, seed: int,
                 device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The base model (random from `seed`, or `checkpoint`: a transformers folder), then TTT from the `ttt:` mapping
-    (`LlamaTTTConfig` fields without the `ttt_` prefix), with the replaced attention kept as the teacher's.
+    """The base model (random from `seed`, or `checkpoint`: a transformers folder), then TTT from the `ttt:` section
+    (a `LlamaTTTSection`, or a mapping of `LlamaTTTConfig` fields without the `ttt_` prefix; None: no TTT), with the
+    replaced attention kept as the teacher's.
 
     A checkpoint is loaded as the base model (its config's `use_ttt` is turned off for the load): distillation starts
     from a pretrained Llama / LLaMA-Omni, the TTT layers from their init.
@@ -110,7 +112,7 @@ def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: dict[str, Any] | No
     if ttt is not None:
         originals = {i: layer.self_attn for i, layer in enumerate(model.model.layers)}
         model.config.use_ttt = True
-        for key, value in ttt.items():
+        for key, value in (ttt if isinstance(ttt, dict) else dataclasses.asdict(ttt)).items():
             setattr(model.config, f"ttt_{key}", value)
         apply_ttt(model, model.config)
         teacher = {}
@@ -370,8 +372,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def speech_modules(model: nn.Module) -> list[nn.Module]:
-    """LLaMA-Omni's speech encoder and projector (empty without them): FSDP2 units of their own, since they run
-    outside the model's forward (`speech_features`)."""
+    """LLaMA-Omni's speech encoder and projector (empty without them): FSDP2 units of their own (`SpeechInputs`
+    runs them from `embed_tokens`' forward hook, so that they need not be part of the root's unit)."""
     if not hasattr(model, "get_model") or getattr(model.get_model(), "speech_encoder", None) is None:
         return []
     return [model.get_model().speech_encoder, model.get_model().speech_projector]

@@ -131,7 +131,7 @@ class LlamaFamily:
             from torch.distributed.fsdp import fully_shard
 
             for layer in [*llama_train.decoder_layers(model), *llama_train.speech_modules(model)]:
-                fully_shard(layer)  # the speech encoder and projector run outside the model's forward
+                fully_shard(layer)  # the speech encoder and projector: units of their own
             fully_shard(model)
         ttt = set(ttt_parameter_names(model))  # optim.ttt_lr; the model's norms (and all, if trained) take optim.lr
         groups: dict[tuple[str, bool], list[torch.nn.Parameter]] = {}
