@@ -18,6 +18,7 @@ import sphn
 import torch
 
 from ttt_speech.config import ConfigError, load_config
+from ttt_speech.errors import DataError
 from ttt_speech.train.config import TrainConfig
 from ttt_speech.train.llama_data import IGNORE, SPEECH, SpeechBatch, TokenWindows, read_stream
 
@@ -161,6 +162,13 @@ def test_speech_samples_are_refused_clearly(tmp_path: Path) -> None:
     for sample, message in cases:
         with pytest.raises(ConfigError, match=message):
             read_stream(write([sample]), 32, chars, Frames(3))
+    (tmp_path / "bad.wav").write_bytes(b"not audio")  # found, but unreadable: named when its batch is made
+    stream = read_stream(write([{"id": "h", "speech": "bad.wav", "conversations": [ask, answer]}]), 32, chars,
+                         Frames(3))
+    loader = TokenWindows(stream.ids, stream.labels, batch_size=1, seq_len=8, seed=0, rank=0, world_size=1,
+                          shuffle=False, where="x", speech=(stream, Frames(3)))
+    with pytest.raises(DataError, match=r"bad.wav: cannot read the audio"):
+        [next(loader) for _ in range(loader.windows)]
     two = {"id": "g", "speech": ["c0.wav", "c1.wav"], "conversations": [
         {"from": "human", "value": "<speech> and <speech>"}, answer]}
     stream = read_stream(write([two]), 32, chars, Frames(3))
