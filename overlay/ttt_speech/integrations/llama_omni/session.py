@@ -323,7 +323,7 @@ def load_conversation(session, row: int, path: str | Path) -> Hashable:
                     if k.startswith(prefix + "params.")},
             grads={k[len(prefix + "grads."):]: v[None].to(device) for k, v in tensors.items()
                    if k.startswith(prefix + "grads.")},
-            position=_need(tensors, prefix + "position", path),
+            position=_need(tensors, prefix + "position", path).to(device),
             conv_tail=tensors[prefix + "conv_tail"][None].to(device) if prefix + "conv_tail" in tensors else None,
             input_state={k[len(prefix + "input."):]: v[None].to(device) for k, v in tensors.items()
                          if k.startswith(prefix + "input.")},
