@@ -355,7 +355,7 @@ class FinalHidden:
 def trainable_names(model: nn.Module, what: str) -> set[str]:
     """Parameter names to train: "ttt" (what TTT added: its projections, inner-loop lr, its own norms `ttt_norm` and
     `post_norm`, W0, and the residual gates) or "all" (every weight but LLaMA-Omni's Whisper encoder, which stays
-    frozen as in LLaMA-Omni's own training; its speech projector trains with "all" only).
+    frozen, as LLaMA-Omni's tune_speech_encoder defaults to; its speech projector trains with "all" only).
 
     The model's RMSNorms stay frozen under "ttt": the teacher runs through them too, so training them would move
     the teacher that distillation matches (a moving target the student could chase towards flat distributions)."""
