@@ -87,6 +87,20 @@ def test_the_teacher_does_not_move_while_the_student_learns(tmp_path: Path) -> N
     assert not torch.allclose(model(ids).logits, student_before)
 
 
+def test_the_export_comes_back_through_auto_with_its_ttt_weights(tmp_path: Path) -> None:
+    """A trained plain-Llama export is saved as `llama-ttt`, so AutoModelForCausalLM does not drop its TTT layers."""
+    from transformers import AutoModelForCausalLM
+
+    train(tiny(tmp_path / "run", "--max_steps=1"))
+    config = json.loads((tmp_path / "run/export/config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("llama-ttt", ["LlamaTTTForCausalLM"])
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "run/export")
+    ours, _ = from_pretrained_ttt(LlamaTTTForCausalLM, tmp_path / "run/export")
+    assert type(auto) is LlamaTTTForCausalLM and ttt_modules(auto)
+    assert auto.state_dict().keys() == ours.state_dict().keys()
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in auto.state_dict().items())
+
+
 def test_resume_gives_the_same_losses_stages_microbatches_and_validation(tmp_path: Path) -> None:
     # two stages (32 then 48 tokens), two microbatches per step, validation at each stage's end
     extra = ["--num_microbatches=2", "--max_steps=null", "--llama.val_batches=1",
@@ -237,16 +251,16 @@ def test_config_errors_name_the_key(tmp_path: Path) -> None:
     fails(r"llama.seq_len=40 is not a multiple of ttt.mini_batch_size=16", "--llama.seq_len=40")
     fails(r"stages\[1\].seq_len=20 is not a multiple", "--max_steps=null",
           "--stages=[{steps: 2}, {steps: 2, seq_len: 20}]")
-    fails(r"unknown key ttt.layer; the llama ttt: section has", "--ttt.layer=[1]")
-    fails(r"ttt.ttt_mode: write the field without its prefix", "--ttt.ttt_mode=replace")
+    fails(r"unknown key ttt.layer; LlamaTTTSection has layers, ", "--ttt.layer=[1]")
+    fails(r"unknown key ttt.ttt_mode; .* \(did you mean ttt.mode for ttt.ttt_mode\?\)", "--ttt.ttt_mode=replace")
     fails(r"data: configures Moshi's audio pipeline", "--data.train_data=x.jsonl", "--data.tokenizer=t.model")
     fails(r"distill needs a ttt: section", "--ttt=null")
     fails(r"num_microbatches must be >= 1", "--num_microbatches=0")
     with pytest.raises(ConfigError, match="llama: configures model.family: llama"):
         load_config(TrainConfig, REPO / "configs" / "tiny.yaml", [f"--run_dir={tmp_path}", "--llama.seq_len=64"])
-    assert tiny(tmp_path, "--ttt.base_lr=1e-1").ttt["base_lr"] == 0.1  # YAML's 1e-1 (a string) read as a number
+    assert tiny(tmp_path, "--ttt.base_lr=1e-1").ttt.base_lr == 0.1  # YAML's 1e-1 (a string) read as a number
     recipe = load_config(TrainConfig, REPO / "configs" / "llama_omni_distill.yaml")
-    assert [s.seq_len for s in recipe.stages] == [8192, 16384, 32768, 65536] and recipe.ttt["layers"][0] == 24
+    assert [s.seq_len for s in recipe.stages] == [8192, 16384, 32768, 65536] and recipe.ttt.layers[0] == 24
 
 
 def test_data_files_and_their_errors(tmp_path: Path) -> None:

@@ -25,7 +25,14 @@ import torch
 from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ttt_speech.integrations.llama_omni import LlamaTTTSelfAttention, apply_ttt, ttt_modules, ttt_parameter_names
+from ttt_speech.integrations.llama_omni import (
+    LlamaTTTForCausalLM,
+    LlamaTTTModelConfig,
+    LlamaTTTSelfAttention,
+    apply_ttt,
+    ttt_modules,
+    ttt_parameter_names,
+)
 from ttt_speech.nn.stats import fast_weight_stats
 
 OMNI_TYPES = ("omni_speech_llama", "omni_speech2s_llama")
@@ -391,6 +398,11 @@ def save_export(model: nn.Module, state: dict[str, Tensor], out_dir: Path) -> No
     out_dir.mkdir(parents=True, exist_ok=True)
     config = model.config
     base = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # FSDP2 subclasses the model
+    if base is LlamaForCausalLM:
+        # A plain Llama with TTT installed is, on disk, a `LlamaTTTForCausalLM` (model_type `llama-ttt`), so that
+        # AutoModelForCausalLM brings it back with its TTT weights instead of a plain Llama that drops them.
+        config = LlamaTTTModelConfig.from_llama_config(config)
+        base = LlamaTTTForCausalLM
     config.architectures = [base.__name__]
     config.save_pretrained(out_dir)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
