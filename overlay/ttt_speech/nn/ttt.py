@@ -250,7 +250,11 @@ class TTTState:
         that reads them sees the new values. Returns ``self``."""
         def put(a: Tensor, s: Tensor) -> Tensor:
             s = s.to(a.device)
-            return a.copy_(s if mask is None else torch.where(_rows(mask, a), s, a))
+            if mask is None:
+                return a.copy_(s)
+            if torch.is_grad_enabled() and (a.requires_grad or s.requires_grad):
+                return a.copy_(torch.where(_rows(mask, a), s, a))
+            return torch.where(_rows(mask, a), s, a, out=a)  # one pass (streaming runs without grad)
 
         self._map(put, src)
         return self

@@ -6,9 +6,11 @@ anchor and ``G`` is cleared. This is the same function as :mod:`.chunk` (the dua
 weights. With ``online=True`` every token commits (see ``docs/ttt.md``).
 
 Every per-token decision is device arithmetic: the position is ``(offset + t) % b`` on the device, and the commit
-selects the candidate anchor with ``torch.where(pos == b - 1, ...)``. A call with ``offset`` given as a tensor on
-``q``'s device therefore reads nothing on the host (no device sync: a decode step can be captured in a CUDA graph).
-The selection returns exactly one of its operands, so the result is bit-identical to branching on host offsets.
+is masked: every token computes ``W - (token_idx[pos] * [pos == b - 1]) * G`` (the anchor itself where the mask is
+0) and zeroes ``G`` where it is 1. A call with ``offset`` given as a tensor on ``q``'s device therefore reads
+nothing on the host (no device sync: a decode step can be captured in a CUDA graph). A token reads
+``x W - token_idx * (x G)`` instead of forming ``W - token_idx * G``, so the masked commit costs no extra pass over
+the weights (``scripts/bench_ttt_decode.py`` times the step).
 """
 
 from __future__ import annotations
@@ -77,17 +79,21 @@ def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, gr
         zs = []
         for t in range(T):
             pos = (start + t) % b  # [B]
-            tok_t = tok[pos].view(B, 1, 1, 1)
-            contrib, read = token_fn(xk[:, :, t], xv[:, :, t], e[:, :, t], state, gamma, beta)
-            acc = [a + c for a, c in zip(acc, contrib, strict=True)]
-            weights = [p - tok_t * a for p, a in zip(state, acc, strict=True)]
-            zs.append(read(xq[:, :, t], weights))
+            tok_t = tok.index_select(0, pos).view(B, 1, 1, 1)
+            factors, read = token_fn(xk[:, :, t], xv[:, :, t], e[:, :, t], state, gamma, beta)
+            # one fused pass per weight: G + left * right (the outer product by broadcasting)
+            acc = [torch.addcmul(a, left, right) for a, (left, right) in zip(acc, factors, strict=True)]
+            zs.append(read(xq[:, :, t], state, acc, tok_t))  # reads W - tok * G without forming it
             if online:
-                state, acc = weights, [torch.zeros_like(a) for a in acc]
+                state = [torch.addcmul(p, tok_t, a, value=-1.0) for p, a in zip(state, acc, strict=True)]
+                acc = [torch.zeros_like(a) for a in acc]
             else:
-                commit = (pos == b - 1).view(B, 1, 1, 1)  # the candidate anchor, selected on the device
-                state = [torch.where(commit, w, p) for w, p in zip(weights, state, strict=True)]
-                acc = [a.masked_fill(commit, 0.0) for a in acc]
+                # the commit by masked arithmetic: W - (tok * [i == b - 1]) * G, then G zeroed where committed
+                # (W + 0 * G == W exactly for finite G)
+                commit = (pos == b - 1).view(B, 1, 1, 1)
+                step = tok_t * commit
+                state = [torch.addcmul(p, step, a, value=-1.0) for p, a in zip(state, acc, strict=True)]
+                acc = [torch.where(commit, 0.0, a) for a in acc]
         z = torch.cat(zs, dim=2)  # [B, H, T, D]
         o = (xq.squeeze(3) + layer_norm(z, gamma, beta)).transpose(1, 2).to(q.dtype)
     return o, tuple(state), tuple(acc)
@@ -96,12 +102,12 @@ def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, gr
 def _linear_token(xk, xv, e, state, gamma, beta):
     W1, b1 = state
     g1 = ln_fused_l2_grad(xk @ W1 + b1, xv - xk, gamma, beta)  # [B, H, 1, D]
-    contrib = [e * (xk.mT @ g1), e * g1]
+    factors = [(xk.mT, e * g1), (e, g1)]  # eta * grad of W1 (an outer product) and of b1, as (left, right)
 
-    def read(xq, w):
-        return xq @ w[0] + w[1]
+    def read(xq, w, g, tok):
+        return xq @ w[0] + w[1] - tok * (xq @ g[0] + g[1])
 
-    return contrib, read
+    return factors, read
 
 
 def _mlp_token(xk, xv, e, state, gamma, beta):
@@ -110,9 +116,10 @@ def _mlp_token(xk, xv, e, state, gamma, beta):
     x2 = gelu_tanh(z1)
     g2 = ln_fused_l2_grad(x2 @ W2 + b2, xv - xk, gamma, beta)  # [B, H, 1, D]
     g1 = (g2 @ W2.mT) * gelu_tanh_grad(z1)
-    contrib = [e * (xk.mT @ g1), e * g1, e * (x2.mT @ g2), e * g2]
+    factors = [(xk.mT, e * g1), (e, g1), (x2.mT, e * g2), (e, g2)]  # eta * grad of W1, b1, W2, b2 as (left, right)
 
-    def read(xq, w):
-        return gelu_tanh(xq @ w[0] + w[1]) @ w[2] + w[3]
+    def read(xq, w, g, tok):
+        x2 = gelu_tanh(xq @ w[0] + w[1] - tok * (xq @ g[0] + g[1]))
+        return x2 @ w[2] + w[3] - tok * (x2 @ g[2] + g[3])
 
-    return contrib, read
+    return factors, read
