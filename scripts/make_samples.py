@@ -39,10 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ttt_speech.constants import SAMPLE_RATE  # pure Python: a no-op run stays instant
+
 VERSION = 1
 MAIN_SPEAKER = "SPEAKER_MAIN"  # ttt_speech.data.manifest.MAIN_SPEAKER; imported lazily so a no-op run is instant
 OTHER_SPEAKER = "SPEAKER_OTHER"
-SAMPLE_RATE = 24000
 ESPEAK_RATE = 22050
 VOICES = {"main": "en-us+f3", "other": "en-gb+m3", "reader": "en-us"}
 WORDS_PER_MINUTE = 165

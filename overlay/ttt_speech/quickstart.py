@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ttt_speech.constants import FRAME_RATE
 from ttt_speech.integrations import moshi as moshi_int
 from ttt_speech.integrations.moshi_lm import moshi_location, moshi_version
 
@@ -255,7 +256,7 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
         print(f"      {librilight.paired_line(report, 'ttt')}")  # one audiobook: a difference, not a CI
         last = report["checkpoints"]["ttt"]["paired"]["bins"][-1]
         last_bin = {s: last["streams"][s]["mean"] for s in ("text", "audio")}
-        crop = round(CROP_SEC * 12.5)
+        crop = round(CROP_SEC * FRAME_RATE)
         print(f"      ttt - base in the last bin (frames {last['lo']}-{last['hi']}, past the {crop}-frame training "
               f"crops): " + ", ".join("{} {}".format(s, "no data" if v is None else f"{v:+.3f}")
                                                 for s, v in last_bin.items()))

@@ -23,6 +23,7 @@ import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 
+from ttt_speech.constants import FRAME_RATE
 from ttt_speech.data.manifest import Word
 
 TEXT_PAD = 3
@@ -54,7 +55,7 @@ def tokenize_words(tokenizer, words: Iterable[Word], main_speaker: str | None) -
             for w in words if main_speaker is None or w.speaker == main_speaker]
 
 
-def interleave_text(words: Sequence[TimedTokens], num_frames: int, frame_rate: float = 12.5,
+def interleave_text(words: Sequence[TimedTokens], num_frames: int, frame_rate: float = FRAME_RATE,
                     pad: int = TEXT_PAD, end_of_pad: int = END_OF_TEXT_PAD) -> list[int]:
     """The text stream of `num_frames` frames for `words` (times relative to frame 0); see the module docstring."""
     kept = sorted((w for w in words if w.end > w.start and w.tokens), key=lambda w: w.start)
