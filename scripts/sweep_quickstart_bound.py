@@ -14,7 +14,10 @@ slope per log-frame past the window; the summary gives the mean over seeds with 
 Base runs are shared by every variant of a seed (they do not see `ttt.*`); finished runs and evals are reused.
 `--paired-with VARIANT` also summarises this variant minus VARIANT per seed (same seeds, same base runs: the
 difference of the two TTT models on the same document). Each seed records the chunk updates' top-direction energy
-share at the last monitored step, per layer (`update_top_share`, from the run's `ttt_stats.csv`).
+share at the last monitored step, per layer (`update_top_share`, from the run's `ttt_stats.csv`). `--norms` also
+measures, per seed and layer, the In-Place update sizes of the trained TTT model on the audiobook (the eval) and on
+the first 100 frames (a training crop) of each dialogue: per chunk ||lr dW_i||_F / ||W0||_F (mean, 95th
+percentile) and the largest ||W - W0||_F / ||W0||_F along the sequence.
 """
 
 from __future__ import annotations
@@ -45,6 +48,51 @@ def last_top_share(run_dir: Path) -> dict[str, float]:
     return {r["layer"]: float(r["update_top_share"]) for r in rows if int(r["step"]) == last and r["update_top_share"]}
 
 
+def update_norms(export: Path, codes: dict[str, Path], crop: int) -> dict:
+    """Per layer and sequence kind ("eval": the audiobook; "train": each dialogue's first `crop` frames), the chunk
+    updates' relative size and the largest relative ||W - W0|| (the fast weight as the parallel forward builds it)."""
+    import torch
+
+    from ttt_speech.eval.librilight import load_checkpoint, load_documents
+    from ttt_speech.integrations.moshi import ttt_modules
+    from ttt_speech.ops.inplace_ttt import advance_fast_weight
+
+    model = load_checkpoint(str(export), "from_checkpoint", "cpu", torch.float32).eval()
+    seen: dict[int, list] = {}
+
+    def hook(m, args, kwargs, out):
+        x, x0 = args[0], kwargs["input_embeddings"]
+        h = m.linear_in(x).view(*x.shape[:2], 2, -1)
+        z = m.activation(h[..., 0, :]) * h[..., 1, :]
+        C, cfg = m.config.chunk_size, m.config
+        n = x.shape[1] // C * C
+        dw = torch.einsum("bncd,bnch->bndh", m.targets(x0[:, :n]).unflatten(1, (n // C, C)),
+                          z[:, :n].unflatten(1, (n // C, C)))  # [B, n/C, D, H]
+        w0 = m.linear_out.weight.float()
+        w, deltas = w0[None], []
+        for i in range(dw.shape[1]):
+            w = advance_fast_weight(w, w0, dw[:, i], cfg.lr, cfg.clip_tau, cfg.decay, cfg.max_delta)
+            deltas.append((torch.linalg.matrix_norm(w - w0) / w0.norm()).max().item())
+        seen.setdefault(m.layer_idx, []).append(((cfg.lr * torch.linalg.matrix_norm(dw) / w0.norm()).flatten(),
+                                                 max(deltas, default=0.0)))
+
+    for module in ttt_modules(model).values():
+        module.register_forward_hook(hook, with_kwargs=True)
+    result: dict[str, dict] = {}
+    with torch.no_grad():
+        for kind, name in (("eval", "audiobook"), ("train", "dialogues")):
+            for _, stream in load_documents(SAMPLES / f"{name}.jsonl", SAMPLES / "tokenizer.model",
+                                            codes_dir=codes[name]):
+                model(stream[None, :, :crop] if kind == "train" else stream[None])
+            for layer, rows in sorted(seen.items()):
+                sizes = torch.cat([r[0] for r in rows])
+                result.setdefault(str(layer), {})[kind] = {
+                    "chunk_update_mean": sizes.mean().item(), "chunk_update_p95": sizes.quantile(0.95).item(),
+                    "max_delta": max(r[1] for r in rows)}
+            seen.clear()
+    return result
+
+
 def last_bins(report: dict) -> dict[str, float]:
     return {s: report["checkpoints"]["ttt"]["paired"]["bins"][-1]["streams"][s]["mean"] for s in ("text", "audio")}
 
@@ -61,6 +109,7 @@ def main() -> None:
     p.add_argument("--eval-step", type=int, default=1, help="frames per streaming call (moshi's ring KV cache "
                    "makes a step > 1 differ from frame by frame when the window is short)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the quickstart uses torch's default)")
+    p.add_argument("--norms", action="store_true", help="also measure the update sizes, eval against training")
     p.add_argument("--paired-with", default=None, help="a variant already run on these seeds: summarise this "
                    "variant minus it, per seed, in the last bin")
     args, overrides = p.parse_known_args()
@@ -113,6 +162,8 @@ def main() -> None:
                               for s in ("text", "audio")},
             "update_top_share": last_top_share(ttt_dir),
         }
+        if args.norms:
+            results[seed]["update_norms"] = update_norms(ttt_dir / "export", codes, round(args.duration_sec * 12.5))
         if args.paired_with:
             ref_report = out / args.paired_with / f"seed{seed}" / eval_dir.name / "report.json"
             if not ref_report.is_file():
