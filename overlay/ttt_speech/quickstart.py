@@ -232,8 +232,9 @@ def run(out: str | Path = "runs/quickstart", steps: int = 200, window: int = 20,
         # 8 s crops: 100 frames, 12 chunk updates of 8, far past the 32-frame window. The evaluation runs 2900 frames
         # (360 chunks): `ttt.decay` 0.9 (a horizon of ~10 chunks) keeps the fast weight in the range training visits
         # (unbounded, the paper's rule, the TTT model's NLL rose with position; docs/moshi_ttt.md, "The recipe").
-        # `ttt.centre_update`: without it 80-86% of each chunk update is the rank-one chunk-mean term, a per-document
-        # bias; centred, the last-bin difference to the base has half the spread over 8 seeds, the same mean
+        # `ttt.centre_update`: without it 73-93% of each chunk update lies in one direction, mostly the rank-one
+        # chunk-mean term; centred, over 12 seeds the last-bin difference to the base has the same mean and a smaller
+        # spread in text (docs/moshi_ttt.md, "Third round")
         common = [f"--data.train_data={SAMPLES / 'dialogues.jsonl'}", f"--data.tokenizer={SAMPLES / 'tokenizer.model'}",
                   f"--data.codes_dir={codes['dialogues']}", f"--duration_sec={CROP_SEC}", f"--max_steps={steps}",
                   f"--ckpt_freq={max(1, steps // 2)}", "--log_freq=1", f"--seed={seed}", "--ttt.decay=0.9",
