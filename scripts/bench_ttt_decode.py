@@ -34,6 +34,8 @@ from ttt_speech.nn.ttt import TTTConfig, TTTState, build_ttt_layer  # noqa: E402
 
 # (name, layer_type, hidden size, heads, mini-batch, preset)
 SHAPES = [
+    ("linear C64 H1 recall", "linear", 64, 1, 16, "recall"),  # the tiny Moshi's block (default preset)
+    ("mlp C64 H1 recall", "mlp", 64, 1, 16, "recall"),
     ("linear C512 H1 recall", "linear", 512, 1, 16, "recall"),
     ("linear C1024 H8", "linear", 1024, 8, 16, "reference"),
     ("mlp C512 H1 recall", "mlp", 512, 1, 16, "recall"),
