@@ -48,7 +48,8 @@ class Outer:
 @pytest.mark.parametrize("data, message", [
     # the nested typo / wrong type / check is the reason, named by its dotted key (was: "inner must be Inner or
     # Literal or None, got {...}")
-    ({"inner": {"sise": 2}}, r"^cfg\.yaml: unknown key inner\.sise; Inner has size, rate$"),
+    ({"inner": {"sise": 2}}, r"^cfg\.yaml: unknown key inner\.sise; Inner has size, rate "
+                             r"\(did you mean inner\.size for inner\.sise\?\)$"),
     ({"inner": {"rate": "fast"}}, r"^cfg\.yaml: inner\.rate must be a number, got 'fast'$"),
     ({"inner": {"size": 0}}, r"^cfg\.yaml: inner: size must be >= 1, got 0$"),  # the section named once
     ({"inner": {"rate": 2}}, r"^cfg\.yaml: inner\.rate must be < 1, got 2\.0$"),
@@ -96,10 +97,11 @@ def test_ttt_typo_named_by_check_and_submit(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"unknown key ttt\.chunk_sise"):
         submit(str(config), [], SlurmConfig(cluster="local"))
     config = _tiny_with(tmp_path, ttt="from_chekpoint")
-    with pytest.raises(ConfigError, match=r"ttt must be a mapping, 'from_checkpoint' or null, got 'from_chekpoint'"):
+    with pytest.raises(ConfigError, match=r"ttt must be a mapping \(MoshiTTTConfig\), 'from_checkpoint' or null, "
+                                          r"got 'from_chekpoint'"):
         submit(str(config), [], SlurmConfig(cluster="local"))
     assert not (tmp_path / "run").exists()
-    assert load_config(TrainConfig, _tiny_with(tmp_path)).ttt["chunk_size"] == 8  # the file itself is fine
+    assert load_config(TrainConfig, _tiny_with(tmp_path)).ttt.chunk_size == 8  # the file itself is fine
 
 
 def test_moshi_ttt_config_inherits_the_in_place_fields_without_restating_them():
@@ -131,3 +133,32 @@ def test_model_lm_kwargs_errors_name_the_key_and_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"model\.lm_kwargs: {listed}: expected a JSON object .*got list"):
         resolve_lm_kwargs(str(listed))
     assert resolve_lm_kwargs("moshi-7b")["dim"] == 4096
+
+
+def test_check_covers_model_lm_kwargs(tmp_path, capsys):
+    """`--check` (and `submit()`) read `model.lm_kwargs` as the model build will: a wrong type at load, an unknown
+    name, a missing file, a file that does not parse or holds no object, each naming the key; no model built."""
+    from ttt_speech.cli import main
+    from ttt_speech.launch.submit import SlurmConfig, submit
+
+    bad, listed, good = tmp_path / "bad.json", tmp_path / "list.json", tmp_path / "lm.json"
+    bad.write_text("{dim: 64")
+    listed.write_text("[64]")
+    good.write_text('{"dim": 64}')
+    config = _tiny_with(tmp_path)
+    for value, message in ((3, "model.lm_kwargs must be a string or a mapping, got 3"),
+                           ("tiniest", "model.lm_kwargs: expected 'tiny', 'moshi-7b', a mapping or a JSON file, "
+                                       "got 'tiniest'"),
+                           (bad, f"model.lm_kwargs: {bad}: not a readable JSON file"),
+                           (listed, f"model.lm_kwargs: {listed}: expected a JSON object of model arguments, got list")):
+        assert main(["finetune", str(config), "--check", f"--model.lm_kwargs={value}"]) == 2
+        assert f"error: {config}: {message}" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"model\.lm_kwargs: expected 'tiny', 'moshi-7b'"):
+        submit(str(config), ["--model.lm_kwargs=tiniest"], SlurmConfig(cluster="local"))
+    for value in ("tiny", "moshi-7b", good, "{dim: 64}"):
+        assert main(["finetune", str(config), "--check", f"--model.lm_kwargs={value}"]) == 0
+    llama = REPO / "configs" / "llama_tiny.yaml"
+    assert main(["finetune", str(llama), "--check", f"--run_dir={tmp_path / 'run'}",
+                 "--model.lm_kwargs=moshi-7b"]) == 2
+    assert "model.lm_kwargs: expected 'tiny', a mapping or a JSON file, got 'moshi-7b'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

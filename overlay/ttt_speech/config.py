@@ -7,6 +7,7 @@ scalars; the resolved config is written back as YAML into the run folder.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -19,7 +20,7 @@ from ttt_speech.errors import ConfigError
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "apply_overrides", "from_dict", "load_config", "save_config", "to_dict"]
+__all__ = ["ConfigError", "apply_overrides", "check_value", "from_dict", "load_config", "save_config", "to_dict"]
 
 
 def _w(where: str) -> str:
@@ -125,17 +126,43 @@ def _name(tp: Any) -> str:
     return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
+def check_value(value: Any, tp: Any, key: str, where: str = "") -> Any:
+    """`value` checked against type `tp` (a dataclass, a Union, a Literal, a list, a number, ...) as `from_dict`
+    checks a field, mappings built into their dataclasses; a `ConfigError` naming `key`."""
+    return _check(value, tp, key, where)
+
+
+def _did_you_mean(cls: type, unknown: list[str], fields: dict[str, Any], prefix: str) -> str:
+    """A known field close to each unknown key, or the class's `__config_unknown__` note for a key it refuses
+    on purpose."""
+    notes = getattr(cls, "__config_unknown__", {})
+    close = {k: difflib.get_close_matches(str(k), list(fields), n=1) for k in unknown if k not in notes}
+    hints = [f"{prefix}{m[0]} for {prefix}{k}" for k, m in close.items() if m]
+    said = "".join(f"; {prefix}{k}: {notes[k]}" for k in unknown if k in notes)
+    return (f" (did you mean {', '.join(hints)}?)" if hints else "") + said
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config", prefix: str = "") -> T:
-    """Build dataclass `cls` from `data`; unknown keys and wrong types raise `ConfigError` naming the key."""
+    """Build dataclass `cls` from `data`; unknown keys and wrong types raise `ConfigError` naming the key.
+
+    A field whose schema depends on other fields (`TrainConfig.ttt` on `model.family`) is named in the class's
+    `__config_types__`, a mapping from the field to a function of the other fields, checked already, that gives its
+    type; such fields are checked last, against that type."""
     if not isinstance(data, dict):
         raise ConfigError(f"{_w(where)}{prefix.rstrip('.') or 'top level'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{_w(where)}unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(prefix + k for k in unknown)}; {cls.__name__} has {', '.join(fields)}")
-    kwargs = {name: _check(value, hints[name], prefix + name, where) for name, value in data.items()}
+                          f"{', '.join(prefix + k for k in unknown)}; {cls.__name__} has {', '.join(fields)}"
+                          f"{_did_you_mean(cls, unknown, fields, prefix)}")
+    dependent = getattr(cls, "__config_types__", {})
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _check(value, hints[name], prefix + name, where) for name, value in data.items()
+              if name not in dependent}
+    for name, schema in dependent.items():
+        if name in data:
+            kwargs[name] = _check(data[name], schema(kwargs), prefix + name, where)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -187,7 +187,7 @@ def test_a_typo_or_wrong_type_under_ttt_stops_submit_before_anything_is_queued(t
             submit(str(TINY), [f"--run_dir={run}", override], SlurmConfig(cluster="local"))
     assert not run.exists()  # no submitit folder, nothing queued
     cfg = load_config(TrainConfig, TINY, [f"--run_dir={run}", "--ttt.lr=1e-3"])
-    assert cfg.ttt["lr"] == 1e-3 and isinstance(cfg.ttt["lr"], float)
+    assert cfg.ttt.lr == 1e-3 and isinstance(cfg.ttt.lr, float)
 
 
 def test_check_with_hf_repo_id_downloads_nothing(tmp_path, monkeypatch) -> None:

@@ -34,10 +34,10 @@ def test_the_recipe_configs_force_memory() -> None:
     """A target with content, a window far shorter than the crops, crops of many chunks, fp32 master weights, and
     stage 2 restating stage 1's TTT."""
     stage1, stage2 = recipe("librilight"), recipe("dailytalk")
-    ttt1 = MoshiTTTConfig.from_dict(stage1.ttt)
-    assert MoshiTTTConfig.from_dict(stage2.ttt) == ttt1
+    ttt1 = stage1.ttt
+    assert isinstance(ttt1, MoshiTTTConfig) and stage2.ttt == ttt1
     for cfg in (stage1, stage2):
-        assert cfg.ttt["target"] == "input_embeddings"
+        assert cfg.ttt.target == "input_embeddings"
         assert cfg.model.dtype == "float32" and not cfg.optim.bf16_params
         assert cfg.optim.w_down_lr == "base"
         assert cfg.model.context == stage1.model.context
@@ -91,12 +91,12 @@ def test_stage_handoff_refuses_a_different_ttt_and_takes_the_checkpoints_on_requ
                                                                           "trained_chunks": 6}
 
 
-def test_inference_warns_once_past_the_chunks_seen_in_training(tmp_path: Path) -> None:
+def test_inference_warns_once_past_the_chunks_seen_in_training(tmp_path: Path, random_codes) -> None:
     train(tiny(tmp_path / "run", "--ttt.chunk_size=4"))  # 1.2 s = 15 frames: (15 - 1) // 4 = 3 updates in use
     model = load_any_lm(tmp_path / "run" / "export").eval()
     first, *others = [m for _, m in sorted(ttt_modules(model).items())]
     assert first.trained_chunks == 3 and all(m.trained_chunks is None for m in others)
-    codes = torch.randint(0, model.card, (2, model.num_codebooks, 40))
+    codes = random_codes(model, 2, 40)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         model(codes[:, :, :15])

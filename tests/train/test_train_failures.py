@@ -268,7 +268,7 @@ def test_nonsense_config_values_are_named_at_load(tmp_path, overrides, message) 
 
 def test_yaml_strings_that_are_numbers_and_suspicious_values(tmp_path) -> None:
     cfg = tiny(tmp_path / "run", "--ttt.lr=1e-3")  # PyYAML reads 1e-3 (no dot) as a string
-    assert cfg.ttt["lr"] == 0.001 and isinstance(cfg.ttt["lr"], float)
+    assert cfg.ttt.lr == 0.001 and isinstance(cfg.ttt.lr, float)
     with pytest.warns(UserWarning, match=r"ttt\.chunk_size=64 frames is longer than a crop of 15 frames"):
         tiny(tmp_path / "run", "--ttt.chunk_size=64")
     stages = tiny(tmp_path / "run", "--max_steps=null", "--stages=[{duration_sec: 1.2, steps: 3}]")

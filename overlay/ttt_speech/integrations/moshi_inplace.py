@@ -99,21 +99,24 @@ class InPlaceTTTConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+            raise ValueError(f"ttt.chunk_size must be >= 1, got {self.chunk_size}")
         if self.centre_update and self.chunk_size == 1:
-            raise ValueError("centre_update needs chunk_size >= 2: a chunk of one token minus its mean is zero, so "
+            raise ValueError("ttt.centre_update needs chunk_size >= 2: a chunk of one token minus its mean is zero, so "
                              "every update would be zero")
         if self.conv not in ("centred", "next"):
-            raise ValueError(f"conv must be 'centred' or 'next', got {self.conv!r}")
+            raise ValueError(f"ttt.conv must be 'centred' or 'next', got {self.conv!r}")
         if self.conv_kernel is None:
             self.conv_kernel = 5 if self.conv == "centred" else 2
         if self.conv == "centred" and self.conv_kernel % 2 == 0:
-            raise ValueError(f"a centred conv needs an odd conv_kernel, got {self.conv_kernel}")
+            raise ValueError(f"ttt.conv_kernel must be odd with a centred conv, got {self.conv_kernel}")
         if self.target not in TARGET_SOURCES:
-            raise ValueError(f"target must be one of {TARGET_SOURCES}, got {self.target!r}")
+            raise ValueError(f"ttt.target must be one of {TARGET_SOURCES}, got {self.target!r}")
         if self.clip_tau is not None and self.clip_tau <= 0:
-            raise ValueError(f"clip_tau must be positive or None, got {self.clip_tau}")
-        check_bounds(self.decay, self.max_delta)
+            raise ValueError(f"ttt.clip_tau must be positive or None, got {self.clip_tau}")
+        try:
+            check_bounds(self.decay, self.max_delta)
+        except ValueError as e:  # named as the config key: ttt.decay, ttt.max_delta
+            raise ValueError(f"ttt.{e}") from e
 
 
 @dataclass

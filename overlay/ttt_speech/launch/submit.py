@@ -16,7 +16,7 @@ from typing import Any
 
 from ttt_speech.config import load_config
 from ttt_speech.errors import ConfigError
-from ttt_speech.train.config import TrainConfig
+from ttt_speech.train.config import TrainConfig, check_lm_kwargs
 
 
 @dataclasses.dataclass
@@ -83,8 +83,13 @@ def executor_parameters(slurm: SlurmConfig) -> dict[str, Any]:
 
 def check(config_path: str, overrides: list[str], nproc: int | None = 1) -> TrainConfig:
     """The config with its overrides, checked as the job will check it (types, unknown keys, `ttt:` against the
-    TTT schema, nonsense values), plus what depends on the process count; builds nothing, reads no data."""
+    TTT schema, nonsense values), `model.lm_kwargs` (a name, a mapping, or a JSON file holding an object), plus what
+    depends on the process count; builds nothing, reads no data."""
     cfg = load_config(TrainConfig, config_path, overrides)
+    try:
+        check_lm_kwargs(cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from e
     if nproc is not None and nproc > 1 and cfg.parallel == "none":
         raise ConfigError(f"{config_path}: parallel: none with {nproc} processes: nothing would synchronise their "
                           "gradients; use parallel: fsdp2, or one process")

@@ -6,18 +6,31 @@ eval_data}`, `seed`, `num_microbatches`, `log_freq`, `ckpt_freq`, `do_eval`, `ev
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ttt_speech.config import ConfigError, from_dict
-from ttt_speech.data.audio import FRAME_RATE
-from ttt_speech.train.llama_config import LlamaTrainConfig, check_llama_family, check_llama_ttt
+from ttt_speech.config import ConfigError, check_value
+from ttt_speech.constants import FRAME_RATE
+from ttt_speech.train.llama_config import LlamaTrainConfig, check_llama_family
 from ttt_speech.train.moshi_finetune import MoshiPathsConfig, WandbConfig, fold_moshi_finetune
+
+if TYPE_CHECKING:
+    from ttt_speech.integrations.llama_ttt_section import LlamaTTTSection
+    from ttt_speech.integrations.moshi import MoshiTTTConfig
+
+    TTTSection = MoshiTTTConfig | LlamaTTTSection
+else:
+    TTTSection = Any  # the family's class: `ttt_schema`, which imports only that family's integration
 
 # max_steps when neither it nor `stages` is given
 DEFAULT_MAX_STEPS = 100
+# `model.lm_kwargs` names, by model.family (otherwise: a mapping or a JSON file)
+LM_KWARGS_NAMES = {"moshi": ("tiny", "moshi-7b"), "llama": ("tiny",)}
 
 
 @dataclass
@@ -38,7 +51,7 @@ class ModelConfig:
     """
 
     family: Literal["moshi", "llama"] = "moshi"
-    lm_kwargs: Any = "tiny"
+    lm_kwargs: str | dict[str, Any] = "tiny"
     checkpoint: str | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"
     context: int | None = None
@@ -147,7 +160,8 @@ class StageConfig:
 class TrainConfig:
     run_dir: str
     model: ModelConfig = field(default_factory=ModelConfig)
-    ttt: dict[str, Any] | Literal["from_checkpoint"] | None = None
+    # MoshiTTTConfig or "from_checkpoint" with model.family: moshi, LlamaTTTSection with llama (`ttt_schema`)
+    ttt: TTTSection | Literal["from_checkpoint"] | None = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -192,6 +206,10 @@ class TrainConfig:
     max_norm: float | None = None
     num_ckpt_keep: int | None = None
     param_dtype: str | None = None
+
+    # config.from_dict checks `ttt:` after the other keys, against the schema of the run's model.family
+    __config_types__: ClassVar[dict[str, Callable[[dict[str, Any]], Any]]] = {
+        "ttt": lambda checked: ttt_schema(checked.get("model", ModelConfig()).family)}
 
     def __post_init__(self) -> None:
         fold_moshi_finetune(self)
@@ -243,11 +261,12 @@ class TrainConfig:
         if self.stages and self.max_steps is not None and self.max_steps != self.total_steps:
             raise ConfigError(f"max_steps={self.max_steps} with stages: the stages' steps ({self.total_steps} in all) "
                               "set the run's length; drop max_steps or change the stages")
+        # typed by config.from_dict already; a TrainConfig built in code may pass the mapping
+        self.ttt = check_value(self.ttt, ttt_schema(self.model.family), "ttt")
         if self.model.family == "llama":
-            self.ttt = check_llama_ttt(self.ttt) if self.ttt is not None else None
             check_llama_family(self)  # the stages' seq_len against the TTT mini-batch, what llama runs lack
-        elif self.ttt is not None:
-            self.ttt = check_ttt(self.ttt, [s.duration_sec for s in self.stage_list()])
+        elif self.ttt is not None and self.ttt != "from_checkpoint":
+            check_ttt(self.ttt, [s.duration_sec for s in self.stage_list()])
         if self.model.dtype != "float32" and not self.optim.bf16_params:
             raise ConfigError(f"model.dtype: {self.model.dtype} trains bf16 parameters with no fp32 master copy, "
                               "where most AdamW updates at lr ~1e-5 round away. Use model.dtype: float32 (on GPU the "
@@ -263,23 +282,52 @@ class TrainConfig:
         return sum(s.steps for s in self.stage_list())
 
 
-def check_ttt(ttt: Any, durations: list[float]) -> Any:
-    """Check the `ttt:` mapping against `MoshiTTTConfig`'s schema (types, unknown keys, its own checks) and for
-    nonsense; returns it with YAML's strings read as numbers (`lr: 1e-3`). Anything else than a mapping (a string
-    such as "from_checkpoint") is left to the code that reads it."""
-    if not isinstance(ttt, dict):
-        return ttt
+def ttt_schema(family: str) -> Any:
+    """The type of `ttt:` with `model.family` `family`; imports only that family's integration (moshi or
+    transformers)."""
+    if family == "llama":
+        from ttt_speech.integrations.llama_ttt_section import LlamaTTTSection
+
+        return LlamaTTTSection | None
     from ttt_speech.integrations.moshi import MoshiTTTConfig
 
-    parsed = from_dict(MoshiTTTConfig, ttt, where="", prefix="ttt.")
-    if parsed.layers is not None and not parsed.layers:
+    return MoshiTTTConfig | Literal["from_checkpoint"] | None
+
+
+def check_ttt(ttt: MoshiTTTConfig, durations: list[float]) -> None:
+    """What `MoshiTTTConfig`'s own checks cannot see: an empty layer list, and a chunk longer than every crop."""
+    if ttt.layers is not None and not ttt.layers:
         raise ConfigError("ttt.layers is empty: no layer would get TTT; set `ttt: null` to train without TTT")
-    if not (math.isfinite(parsed.lr) and parsed.lr >= 0):
-        raise ConfigError(f"ttt.lr must be a finite number >= 0, got {parsed.lr}")
-    if parsed.kind == "inplace":
+    if not (math.isfinite(ttt.lr) and ttt.lr >= 0):
+        raise ConfigError(f"ttt.lr must be a finite number >= 0, got {ttt.lr}")
+    if ttt.kind == "inplace":
         frames = min(round(d * FRAME_RATE) for d in durations)
-        if parsed.chunk_size > frames:
-            warnings.warn(f"ttt.chunk_size={parsed.chunk_size} frames is longer than a crop of {frames} frames: "
+        if ttt.chunk_size > frames:
+            warnings.warn(f"ttt.chunk_size={ttt.chunk_size} frames is longer than a crop of {frames} frames: "
                           "In-Place TTT updates its fast weights only after a complete chunk, so no update ever "
                           "happens in training", stacklevel=3)
-    return {key: getattr(parsed, key) for key in ttt}
+
+
+def read_lm_kwargs_file(spec: str, family: str = "moshi") -> dict[str, Any]:
+    """`model.lm_kwargs` naming a JSON file: the object it holds (LMModel / LlamaConfig arguments); a
+    `ConfigError` naming the key when it is no file, does not parse, or is no object."""
+    path = Path(str(spec))
+    if not path.is_file():
+        names = ", ".join(repr(n) for n in LM_KWARGS_NAMES[family])
+        raise ConfigError(f"model.lm_kwargs: expected {names}, a mapping or a JSON file, got {spec!r}")
+    try:
+        kwargs = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.lm_kwargs: {path}: not a readable JSON file of model arguments: {e}") from e
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model.lm_kwargs: {path}: expected a JSON object of model arguments, got "
+                          f"{type(kwargs).__name__}")
+    return kwargs
+
+
+def check_lm_kwargs(model: ModelConfig) -> None:
+    """`model.lm_kwargs` as building the model reads it, without building or importing it: a name of the family
+    (`LM_KWARGS_NAMES`), a mapping, or a JSON file that holds an object. Run by `--check` and `submit()`; not at
+    load, where a saved config's file may be on another machine."""
+    if not isinstance(model.lm_kwargs, dict) and model.lm_kwargs not in LM_KWARGS_NAMES[model.family]:
+        read_lm_kwargs_file(model.lm_kwargs, model.family)

@@ -5,7 +5,6 @@ Kept apart from `train/config.py` so that the Moshi keys stay as they are; check
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -68,41 +67,6 @@ class LlamaTrainConfig:
             raise ConfigError(f"llama.val_batches must be >= 1, got {self.val_batches}")
 
 
-TTT_KEY_PREFIX = "ttt_"
-
-
-def check_llama_ttt(ttt: object) -> dict:
-    """The `ttt:` mapping of a llama run: `LlamaTTTConfig`'s fields without their `ttt_` prefix (`layers`, `mode`,
-    `layer_type`, `mini_batch_size`, `base_lr`, ...), typed and checked; returns it with YAML strings read as
-    numbers. `use_ttt` is implied."""
-    from ttt_speech.config import from_dict
-    from ttt_speech.integrations.llama_omni import LlamaTTTConfig
-
-    if not isinstance(ttt, dict):
-        raise ConfigError(f"ttt must be a mapping of LlamaTTTConfig fields with model.family: llama, got {ttt!r}")
-    if "use_ttt" in ttt:
-        raise ConfigError("ttt.use_ttt: implied by a `ttt:` mapping; drop it (ttt: null trains without TTT)")
-    prefixed = [k for k in ttt if str(k).startswith(TTT_KEY_PREFIX)]
-    if prefixed:
-        raise ConfigError(f"ttt.{prefixed[0]}: write the field without its prefix ({prefixed[0][4:]})")
-    fields = [f.name.removeprefix(TTT_KEY_PREFIX) for f in dataclasses.fields(LlamaTTTConfig) if f.name != "use_ttt"]
-    unknown = sorted(str(k) for k in ttt if k not in fields)
-    if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join('ttt.' + k for k in unknown)}; "
-                          f"the llama ttt: section has {', '.join(fields)}")
-    try:  # messages start with the prefixed field name: ttt_layers -> ttt.layers
-        parsed = from_dict(LlamaTTTConfig, {TTT_KEY_PREFIX + k: v for k, v in ttt.items()}, where="")
-    except ConfigError as e:
-        raise ConfigError("ttt." + str(e).removeprefix(TTT_KEY_PREFIX)) from e
-    except ValueError as e:  # LlamaTTTConfig's own checks
-        raise ConfigError(f"ttt: {e}") from e
-    if parsed.ttt_mini_batch_size < 1:
-        raise ConfigError(f"ttt.mini_batch_size must be >= 1, got {parsed.ttt_mini_batch_size}")
-    if parsed.ttt_layers is not None and not parsed.ttt_layers:
-        raise ConfigError("ttt.layers is empty: no layer would get TTT")
-    return {k: getattr(parsed, TTT_KEY_PREFIX + k) for k in ttt}
-
-
 def stage_seq_len(stage, cfg) -> int:
     """Tokens per sample in a curriculum stage of a llama run."""
     return stage.seq_len if stage.seq_len is not None else cfg.llama.seq_len
@@ -131,7 +95,7 @@ def check_llama_family(cfg) -> None:
         raise ConfigError("llama.objective: distill needs a ttt: section (without TTT the student is the teacher)")
     if cfg.ttt is None and cfg.llama.trainable == "ttt":
         raise ConfigError("llama.trainable: ttt with ttt: null trains nothing; use llama.trainable: all")
-    mini = int(cfg.ttt.get("mini_batch_size", 64)) if cfg.ttt else 1
+    mini = cfg.ttt.mini_batch_size if cfg.ttt is not None else 1  # a LlamaTTTSection
     for i, stage in enumerate(cfg.stage_list()):
         where = f"stages[{i}]." if cfg.stages else "llama."
         if stage.duration_sec is not None and cfg.stages:

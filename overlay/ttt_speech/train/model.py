@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +13,7 @@ from ttt_speech.config import ConfigError
 from ttt_speech.constants import DTYPES
 from ttt_speech.integrations import moshi as moshi_int
 from ttt_speech.integrations.moshi_lm import load_moshi_lm, moshi_7b_lm_kwargs
-from ttt_speech.train.config import LoraConfig, TrainConfig
+from ttt_speech.train.config import LoraConfig, TrainConfig, read_lm_kwargs_file
 
 
 def resolve_lm_kwargs(spec: Any) -> dict[str, Any]:
@@ -26,17 +24,7 @@ def resolve_lm_kwargs(spec: Any) -> dict[str, Any]:
         return moshi_int.tiny_lm_kwargs()
     if spec == "moshi-7b":
         return moshi_7b_lm_kwargs()
-    path = Path(str(spec))
-    if not path.is_file():
-        raise ConfigError(f"model.lm_kwargs: expected 'tiny', 'moshi-7b', a mapping or a JSON file, got {spec!r}")
-    try:
-        kwargs = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"model.lm_kwargs: {path}: not a readable JSON file of LMModel arguments: {e}") from e
-    if not isinstance(kwargs, dict):
-        raise ConfigError(f"model.lm_kwargs: {path}: expected a JSON object of LMModel arguments, got "
-                          f"{type(kwargs).__name__}")
-    return kwargs
+    return read_lm_kwargs_file(spec)  # the same check as `--check`'s
 
 
 def resolve_ttt_config(cfg: TrainConfig) -> moshi_int.MoshiTTTConfig | None:
@@ -49,7 +37,7 @@ def resolve_ttt_config(cfg: TrainConfig) -> moshi_int.MoshiTTTConfig | None:
         if not cfg.model.checkpoint:
             raise ConfigError("ttt: from_checkpoint needs model.checkpoint (a checkpoint with ttt_config.json)")
         return moshi_int.checkpoint_ttt_config(cfg.model.checkpoint, required=True)
-    return moshi_int.MoshiTTTConfig.from_dict(cfg.ttt, where="ttt")
+    return cfg.ttt  # a MoshiTTTConfig (config.from_dict typed it)
 
 
 def check_precision(cfg: TrainConfig) -> torch.dtype:
