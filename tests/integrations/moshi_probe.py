@@ -8,11 +8,14 @@ at the pristine pin. Deterministic: seeded construction, inputs and sampling; si
 
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared random-codes helper
 
 import moshi  # noqa: E402
 import torch  # noqa: E402
+from moshi_codes import random_codes  # noqa: E402
 
 from ttt_speech.integrations.moshi import build_lm, make_lm_gen  # noqa: E402
 
@@ -21,10 +24,8 @@ def main(out_path: str) -> None:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     model = build_lm(seed=0)
-    gen = torch.Generator().manual_seed(1)
     B, T = 2, 24
-    codes = torch.randint(0, model.card, (B, model.num_codebooks, T), generator=gen)
-    codes[:, 0] = torch.randint(0, model.text_card, (B, T), generator=gen)
+    codes = random_codes(model, B, T, seed=1)
 
     out = model(codes)
     loss = (out.logits[out.mask].float().logsumexp(-1).mean()

@@ -77,10 +77,10 @@ def test_text_and_input_embeddings_reach_gatings_that_ask_for_them(random_codes)
     (seen,) = main_layer.gating.seen
     assert seen.shape == (2, 5, model.dim)
     # forward_text's input: the initial token, then the delayed codes; its text row is what gets embedded
-    from moshi.models.lm import _delay_sequence
+    from ttt_speech.integrations.moshi_lm import delay_codes
 
     initial = model._get_initial_token().expand(2, -1, -1)
-    delayed = torch.cat([initial, _delay_sequence(model.delays, codes, initial)], dim=2)[:, :, :-1]
+    delayed = torch.cat([initial, delay_codes(model.delays, codes, initial)], dim=2)[:, :, :-1]
     torch.testing.assert_close(seen, model.text_emb(delayed[:, 0]), rtol=0, atol=0)
     # 0005: the full per-frame input embedding, text plus every audio codebook, as forward_text sums it
     (seen_input,) = main_layer.gating.seen_input

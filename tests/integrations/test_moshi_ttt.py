@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from moshi.models.lm import _delay_sequence
 from moshi_codes import random_codes  # noqa: F401  (also imported from here by other test modules)
 
 from ttt_speech.integrations.moshi import (
@@ -21,12 +20,13 @@ from ttt_speech.integrations.moshi import (
     ttt_parameter_names,
 )
 from ttt_speech.integrations.moshi_inplace import InPlaceTTTGating
+from ttt_speech.integrations.moshi_lm import delay_codes
 
 
 def forward_text_input(model, codes: torch.Tensor) -> torch.Tensor:
     """The delayed sequence LMModel.forward feeds to forward_text (initial token first)."""
     initial = model._get_initial_token().expand(codes.shape[0], -1, -1)
-    return torch.cat([initial, _delay_sequence(model.delays, codes, initial)], dim=2)[:, :, :-1]
+    return torch.cat([initial, delay_codes(model.delays, codes, initial)], dim=2)[:, :, :-1]
 
 
 def stream(model, seq: torch.Tensor, pieces: list[int], reset_at: int | None = None, inspect=None) -> torch.Tensor:
