@@ -142,8 +142,9 @@ class MoshiTTTConfig(InPlaceTTTConfig):
             TTT-Linear/MLP block between attention and FFN).
         layers: main-transformer layer indices; None means every `every`-th layer from 0 (Moshi 7B: 0, 6, ..., 30).
         every: the stride used when `layers` is None.
-        chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std, decay, max_delta: In-Place TTT,
-            inherited from `InPlaceTTTConfig` (`conv_kernel` None stays None here; `inplace_config` resolves it).
+        chunk_size, lr, conv, conv_kernel, target, clip_tau, target_init_std, decay, max_delta, centre_update:
+            In-Place TTT, inherited from `InPlaceTTTConfig` (`conv_kernel` None stays None here; `inplace_config`
+            resolves it).
         ttt_layer_type, ttt_num_heads, ttt_mini_batch_size, ttt_base_lr, ttt_use_gate, ttt_share_qk: the block's
             TTT-Linear/MLP (see `ttt_speech.nn.TTTConfig`); `ttt_num_heads` None means the model's head count.
             The defaults (one head, `ttt_share_qk`) and `ttt_options`' default are the recall preset
