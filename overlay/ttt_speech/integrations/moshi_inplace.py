@@ -417,9 +417,11 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         return left, K - 1 - left
 
     def _window_targets(self, window: torch.Tensor) -> torch.Tensor:
-        """Uncentred targets of the frames whose conv windows lie in `window` [B, K + J - 1, D]: [B, J, D]."""
-        conv = F.conv1d(window.transpose(1, 2), self.ttt_conv.weight.float(), groups=window.shape[-1])
-        return conv.transpose(1, 2) @ self.ttt_target.weight.float().t()
+        """Uncentred targets of the frames whose conv windows lie in `window` [B, K + J - 1, D]: [B, J, D] (the
+        conv as K multiply-adds: a conv kernel call costs more than the arithmetic at this size)."""
+        taps = window.unfold(1, self.config.conv_kernel, 1)  # [B, J, D, K]
+        conv = (taps * self.ttt_conv.weight[:, 0].float()).sum(-1)  # [B, J, D]
+        return conv @ self.ttt_target.weight.float().t()
 
     def _product(self, z: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
                  dtype: torch.dtype) -> torch.Tensor:
@@ -467,8 +469,10 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
             state.z_sum.add_((z_s * m).sum(1))
             state.acc.baddbmm_(state.v_sum[:, :, None] * (-f / C), state.z_sum[:, None, :])
         self._finish_chunks(state, done, f)
-        for t in (state.acc, state.v_sum, state.z_sum):  # a new chunk starts empty
-            t.masked_fill_(done.view(-1, *[1] * (t.dim() - 1)), 0)
+        state.acc.mul_(1.0 - f)  # a new chunk starts empty (a multiply: masked_fill_ is slower on CPU)
+        if cfg.centre_update:
+            state.v_sum.mul_(1.0 - f[:, 0])
+            state.z_sum.mul_(1.0 - f[:, 0])
         state.pos.copy_(torch.where(run, (p + 1) % C, p))
         state.chunks.add_(done.long())
         return out
