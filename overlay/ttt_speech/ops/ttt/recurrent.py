@@ -7,7 +7,7 @@ weights. With ``online=True`` every token commits (see ``docs/ttt.md``).
 
 Every per-token decision is device arithmetic: the position is ``(offset + t) % b`` on the device, and the commit
 is masked: every token computes ``W - (token_idx[pos] * [pos == b - 1]) * G`` (the anchor itself where the mask is
-0) and zeroes ``G`` where it is 1. A call with ``offset`` given as a tensor on ``q``'s device therefore reads
+0) and ``G * [pos != b - 1]``. A call with ``offset`` given as a tensor on ``q``'s device therefore reads
 nothing on the host (no device sync: a decode step can be captured in a CUDA graph). A token reads
 ``x W - token_idx * (x G)`` instead of forming ``W - token_idx * G``, so the masked commit costs no extra pass over
 the weights (``scripts/bench_ttt_decode.py`` times the step).
@@ -88,12 +88,13 @@ def _recurrent(token_fn, q, k, v, eta, token_idx, ln_weight, ln_bias, params, gr
                 state = [torch.addcmul(p, tok_t, a, value=-1.0) for p, a in zip(state, acc, strict=True)]
                 acc = [torch.zeros_like(a) for a in acc]
             else:
-                # the commit by masked arithmetic: W - (tok * [i == b - 1]) * G, then G zeroed where committed
-                # (W + 0 * G == W exactly for finite G)
+                # the commit by masked arithmetic: W - (tok * [i == b - 1]) * G, then G times [i != b - 1]
+                # (exact for finite G: W + 0 * G == W; a product, as torch.where is several times slower on CPU)
                 commit = (pos == b - 1).view(B, 1, 1, 1)
                 step = tok_t * commit
                 state = [torch.addcmul(p, step, a, value=-1.0) for p, a in zip(state, acc, strict=True)]
-                acc = [torch.where(commit, 0.0, a) for a in acc]
+                keep = (~commit).to(dt)
+                acc = [a * keep for a in acc]
         z = torch.cat(zs, dim=2)  # [B, H, T, D]
         o = (xq.squeeze(3) + layer_norm(z, gamma, beta)).transpose(1, 2).to(q.dtype)
     return o, tuple(state), tuple(acc)
