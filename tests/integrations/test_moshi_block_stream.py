@@ -121,32 +121,48 @@ def test_cuda_graphed_streaming_equals_the_parallel_forward(layer_type, monkeypa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_lmgen_with_cuda_graphs_generates_as_without(monkeypatch):
+def test_lmgen_with_cuda_graphs_generates_as_without_and_as_the_parallel_forward(monkeypatch):
     monkeypatch.delenv("NO_CUDA_GRAPH", raising=False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # fp32 tolerances below
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = block_model("mlp", "cuda")
     codes = random_codes(model, 2, 12).cuda()
+    cut = 7
 
-    def generate() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def generate():
+        """Greedy LMGen over the user codes, row 1 reset before frame `cut`: generated tokens, the frames fed to
+        the main transformer and its text logits, the block's final state, whether the main step was captured."""
         lm_gen = make_lm_gen(model, use_sampling=False)
-        tokens = []
+        tokens, fed, logits = [], [], []
         with torch.no_grad(), lm_gen.streaming(2):
+            main = lm_gen._streaming_state.graphed_main
+
+            def recorded(input_, *rest):
+                out = main(input_, *rest)
+                fed.append(input_.clone())
+                logits.append(out[1].clone())
+                return out
+
+            lm_gen._streaming_state.graphed_main = recorded
             for t in range(12):
-                if t == 7:
+                if t == cut:
                     lm_gen.reset_streaming(torch.tensor([False, True], device="cuda"))
                 out = lm_gen.step(codes[:, model.dep_q + 1:, t:t + 1])
                 if out is not None:
                     tokens.append(out.clone())
-            graphed = lm_gen._streaming_state.graphed_main._graph is not None
             state = [t.clone() for t in ttt_modules(model)[3]._streaming_state.ttt.tensors()]
-        return tokens, state, graphed
+        return tokens, fed, logits, state, main._graph is not None
 
-    tokens, state, graphed = generate()
+    tokens, fed, logits, state, graphed = generate()
     with no_cuda_graph():
-        eager_tokens, eager_state, eager_graphed = generate()
+        eager_tokens, _, eager_logits, eager_state, eager_graphed = generate()
     assert graphed and not eager_graphed and len(tokens) == len(eager_tokens) > 0
     for a, b in zip(tokens, eager_tokens, strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(state, eager_state, strict=True):
+    for a, b in zip(logits + state, eager_logits + eager_state, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the same frames through the parallel forward: row 0 whole, row 1 from its reset
+        _, full0 = model.forward_text(torch.cat([f[:1] for f in fed], dim=2))
+        _, full1 = model.forward_text(torch.cat([f[1:] for f in fed[cut:]], dim=2))
+    torch.testing.assert_close(torch.cat([x[:1] for x in logits], dim=2), full0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.cat([x[1:] for x in logits[cut:]], dim=2), full1, rtol=1e-4, atol=1e-4)
