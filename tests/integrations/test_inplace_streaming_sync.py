@@ -43,7 +43,7 @@ def run_lm_gen(model, codes: torch.Tensor, trap: bool, pause_at: int = 5, reset_
 
 
 @pytest.mark.parametrize("bounds", [{}, {"decay": 0.9, "max_delta": 0.05, "clip_tau": 0.5},
-                                    {"centre_update": True, "conv": "next"}])
+                                    {"decay": 0.8, "clip_tau": 0.3}, {"centre_update": True, "conv": "next"}])
 def test_lmgen_step_makes_no_host_read(bounds: dict) -> None:
     model = ttt_model(chunk_size=3, **bounds)
     codes = random_codes(model, 2, 14)

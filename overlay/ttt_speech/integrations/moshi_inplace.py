@@ -437,7 +437,7 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
 
         Memory traffic per frame in units of one [B, D, H] float32 pass: the product reads W (1), the accumulator
         update reads and writes `acc` (2), the end-of-chunk update W += f lr acc with f = 1 on completing rows and
-        0 elsewhere (3), and the accumulator's reset (2); split_product adds 3, decay 6, clip_tau 1, max_delta the
+        0 elsewhere (3), and the accumulator's reset (2); split_product adds 3, decay 3, clip_tau 1, max_delta the
         general `advance_fast_weight` and a select (about 20). Nothing else touches [B, D, H].
         """
         cfg, C = self.config, self.config.chunk_size
@@ -489,8 +489,8 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         if cfg.clip_tau is not None:
             step = step * (cfg.clip_tau / torch.linalg.matrix_norm(state.acc).clamp_min(1e-30)).clamp(max=1.0)[
                 :, None, None]
-        if cfg.decay is not None:  # W0 + decay (W - W0) = W - (1 - decay) f (W - W0)
-            state.w.addcmul_(state.w - state.w0, f, value=-(1.0 - cfg.decay))
+        if cfg.decay is not None:  # W0 + decay (W - W0) = W + (1 - decay) f (W0 - W): one lerp, no temporary
+            state.w.lerp_(state.w0.expand_as(state.w), f * (1.0 - cfg.decay))
         state.w.addcmul_(state.acc, step)
 
     def _stream_span(self, z: torch.Tensor, x0: torch.Tensor, state: InPlaceTTTState, base: torch.Tensor | None,
