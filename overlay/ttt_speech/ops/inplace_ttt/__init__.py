@@ -5,7 +5,8 @@ sequential chunk-by-chunk reference beside it. `chunk_conv1d` builds the per-chu
 `chunk_centre` removes each chunk's mean from it (the chunk-centred update). `advance_fast_weight` is one chunk's
 step (streaming). `chunk_update_spectrum` measures how many directions a chunk update spans. Every op runs in float32
 outside autocast, except `split_inplace_ttt` (the form for a bf16 model: the base product exactly as the model
-computes it, plus the TTT term from float32 deltas).
+computes it, plus the TTT term from float32 deltas, added by `split_sum`). `chunk_fast_weights` gives the weight of
+every chunk, for callers that pick one per row (streaming a multi-frame call).
 """
 
 from ttt_speech.ops.inplace_ttt.chunk import (
