@@ -15,15 +15,16 @@ is applied when the chunk completes, exactly as in the parallel form.
 
 Streaming makes no host read of a tensor value (no `.item()`, no branch on a tensor), so a CUDA graph can capture
 moshi's step (`LMGen`): each row's chunk position is a device tensor, a frame adds its rank-one share v_s z_s^T to
-an accumulator once its target is final, and the end-of-chunk update (with decay / max_delta / clip_tau) is
-computed at every frame and kept by `torch.where` only in rows whose chunk completes.
+an accumulator once its target is final, and the end-of-chunk update (with decay / max_delta / clip_tau) runs at
+every frame as masked arithmetic that is the identity in rows whose chunk does not complete.
 
 Cast points: `linear_in` (Z) runs in the model's dtype or autocast's, as the base model does. Everything after it
 (the target, the update, W0 + dW and the product with Z) runs in float32 with autocast disabled: under bf16, W0 + dW
 would round away an update of relative size 1e-3. The fast weight, its buffers and the stored W0 are float32; the
 output is cast back to the input's dtype. With `split_product` and a low-precision Z (a bf16 model or bf16
-autocast), the product is split instead: Z W0^T exactly as the base model computes it, plus Z (W - W0)^T with the
-float32 delta cast to Z's dtype (`ops.inplace_ttt.split_inplace_ttt`); the update itself stays float32.
+autocast), the product is split instead: Z W0^T exactly as the base model computes it, plus Z (W - W0)^T from the
+float32 delta (cast to Z's dtype for the parallel form's products, `ops.inplace_ttt.split_inplace_ttt`; float32 for
+a streamed frame); the update itself stays float32.
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ class InPlaceTTTConfig:
             carries no rank-one chunk-mean term C mean(V_i) mean(Z_i)^T (the same update as centring Z_i, or both;
             `ops.inplace_ttt.chunk_centre`). False: the paper's update.
         split_product: where Z is bf16/fp16 (a bf16 model or bf16 autocast), compute the output as Z W0^T exactly
-            as the base model does (bit-identical to its `linear_out`) plus Z (W - W0)^T with the float32 delta cast
-            to Z's dtype, added in float32 and rounded once to the output's dtype: the fast path on a GPU. False:
-            the whole product in float32 (Z cast up), as trained so far. float32 Z: no effect either way.
+            as the base model does (bit-identical to its `linear_out`) plus Z (W - W0)^T from the float32 delta
+            (cast to Z's dtype in the parallel form), added in float32 and rounded once to the output's dtype: the
+            prefill's fast path on a GPU. False: the whole product in float32 (Z cast up), as trained so far.
+            float32 Z: no effect either way.
     """
 
     chunk_size: int = 512
@@ -396,9 +398,9 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         """Continue each row from its state, with no host read of a tensor value (CUDA-graph capturable).
 
         One frame (moshi's step) costs the product with the fast weight, the targets of the 1 + right frames whose
-        conv window ends at it, a rank-(1 + right) update of the accumulator and the end-of-chunk update kept by
-        `torch.where`; more frames run the parallel form over the chunks they span, aligned per row on the device.
-        `base`: the split product's base term (None: the product in float32); the output is in `dtype`.
+        conv window ends at it, a rank-(1 + right) update of the accumulator and the end-of-chunk update as masked
+        per-row coefficients; more frames run the parallel form over the chunks they span, aligned per row on the
+        device. `base`: the split product's base term (None: the product in float32); the output is in `dtype`.
         """
         B, T, _ = z.shape
         if state.batch_size != B:
