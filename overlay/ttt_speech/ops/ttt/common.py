@@ -77,12 +77,10 @@ def check_ttt_args(
         if offset.shape != (B,) or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
             raise ValueError(f"offset must be an integer tensor [{B}], got {shape_str(offset)} {offset.dtype}")
         return offset.to(device=q.device, dtype=torch.int64)
-    if on_device:
-        return torch.tensor(check_ttt_args(kind, q, k, v, eta, token_idx, ln_weight, ln_bias, params, grads, offset),
-                            dtype=torch.int64, device=q.device)
     if offset is None:
-        return [0] * B
-    offsets = [int(o) for o in (offset.tolist() if isinstance(offset, Tensor) else offset)]
-    if len(offsets) != B or any(o < 0 or o >= b for o in offsets):
-        raise ValueError(f"offset must be [{B}] with values in [0, {b}), got {offsets}")
-    return offsets
+        offsets = [0] * B
+    else:
+        offsets = [int(o) for o in (offset.tolist() if isinstance(offset, Tensor) else offset)]
+        if len(offsets) != B or any(o < 0 or o >= b for o in offsets):
+            raise ValueError(f"offset must be [{B}] with values in [0, {b}), got {offsets}")
+    return torch.tensor(offsets, dtype=torch.int64, device=q.device) if on_device else offsets
