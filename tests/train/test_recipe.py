@@ -80,6 +80,10 @@ def test_stage_handoff_refuses_a_different_ttt_and_takes_the_checkpoints_on_requ
         train(tiny(tmp_path / "stage2", f"--model.checkpoint={ckpt}", "--ttt.lr=0.5", "--duration_sec=2.0"))
     with pytest.raises(ValueError, match="differs from the given one in chunk_size"):  # the same check in eval
         load_any_lm(ckpt, ttt={"layers": [0, 2], "chunk_size": 8, "lr": 0.3})
+    # how the bf16 product is rounded is not part of what the checkpoint computes: it may be chosen at load
+    split = {**json.loads((ckpt.parent / "ttt_config.json").read_text()), "split_product": True}
+    loaded = load_any_lm(ckpt, ttt=split)
+    assert all(m.config.split_product for m in ttt_modules(loaded).values())
     same = tiny(tmp_path / "stage2", f"--model.checkpoint={ckpt}", "--ttt=from_checkpoint", "--duration_sec=2.0")
     assert same.ttt == "from_checkpoint"
     train(same)

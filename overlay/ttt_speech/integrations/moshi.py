@@ -305,15 +305,20 @@ def checkpoint_ttt_config(path: str | Path, required: bool = False) -> MoshiTTTC
     return MoshiTTTConfig.from_dict(data, where=str(file))
 
 
+# Fields that choose how the same function is computed (the rounding of a bf16 product), not what the checkpoint's
+# fast weights compute: a config may set them differently from the checkpoint it continues or evaluates.
+HANDOFF_FREE = frozenset({"split_product"})
+
+
 def check_ttt_handoff(config: MoshiTTTConfig, path: str | Path) -> None:
     """Stage hand-off: `config` must equal the `ttt_config.json` beside checkpoint `path` (when there is one); any
     difference is a `CheckpointMismatch` (a ValueError) naming the differing keys and both values. A config that
-    means to take the checkpoint's says `ttt: from_checkpoint` instead."""
+    means to take the checkpoint's says `ttt: from_checkpoint` instead. The `HANDOFF_FREE` fields may differ."""
     saved = checkpoint_ttt_config(path)
     if saved is None:
         return
     mine, theirs = config.to_dict(), saved.to_dict()
-    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+    diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k not in HANDOFF_FREE)
     if diff:
         detail = "; ".join(f"{k}: config {mine.get(k)!r}, checkpoint {theirs.get(k)!r}" for k in diff)
         raise CheckpointMismatch(f"{_checkpoint_dir(path) / TTT_CONFIG_FILE}: the checkpoint's TTT config differs "
