@@ -10,6 +10,7 @@ import warnings
 import pytest
 import torch
 from host_sync import forbid_host_reads
+from lmgen_record import record_main
 from test_moshi_ttt import forward_text_input, random_codes, stream, ttt_model
 
 from ttt_speech.integrations.moshi import build_lm, make_lm_gen, ttt_modules
@@ -20,17 +21,8 @@ def run_lm_gen(model, codes: torch.Tensor, trap: bool, pause_at: int = 5, reset_
     frame `reset_at`. Returns the input frames the model was fed and its text logits, per step."""
     lm_gen = make_lm_gen(model, use_sampling=False)
     B, T = codes.shape[0], codes.shape[-1]
-    fed, logits = [], []
     with torch.no_grad(), lm_gen.streaming(B):
-        main = lm_gen._streaming_state.graphed_main
-
-        def recorded(input_, *rest):
-            out = main(input_, *rest)
-            fed.append(input_.clone())
-            logits.append(out[1].clone())
-            return out
-
-        lm_gen._streaming_state.graphed_main = recorded
+        fed, logits = record_main(lm_gen)
         reset = torch.arange(B) == 0
         for t in range(T):
             mask = torch.arange(B) != (1 if t == pause_at else B)
@@ -120,23 +112,20 @@ def test_lmgen_under_cuda_graphs_equals_parallel(monkeypatch, dtype: torch.dtype
     model = ttt_model(chunk_size=3, split_product=split).to("cuda", dtype)
     codes = random_codes(model, 2, 14).cuda()
     lm_gen = make_lm_gen(model, use_sampling=False)
-    fed, logits = [], []
     with torch.no_grad(), lm_gen.streaming(2):
         main = lm_gen._streaming_state.graphed_main
         assert isinstance(main, CUDAGraphed) and not main.disable
 
-        def recorded(input_, *rest):
+        @contextlib.contextmanager
+        def syncs_refused_while_eager():
             eager = main._graph is None and main.warmup_steps > 0
             torch.cuda.set_sync_debug_mode("error" if eager else "default")
             try:
-                out = main(input_, *rest)
+                yield
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-            fed.append(input_.clone())
-            logits.append(out[1].clone())
-            return out
 
-        lm_gen._streaming_state.graphed_main = recorded
+        fed, logits = record_main(lm_gen, around=syncs_refused_while_eager)
         for t in range(codes.shape[-1]):
             lm_gen.step(codes[:, model.dep_q + 1:, t:t + 1])
         assert main._graph is not None  # captured, then replayed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from host_sync import forbid_host_reads
+from lmgen_record import record_main
 from moshi.utils.compile import CUDAGraphed, no_cuda_graph
 from moshi_codes import random_codes
 
@@ -133,17 +134,10 @@ def test_lmgen_with_cuda_graphs_generates_as_without_and_as_the_parallel_forward
         """Greedy LMGen over the user codes, row 1 reset before frame `cut`: generated tokens, the frames fed to
         the main transformer and its text logits, the block's final state, whether the main step was captured."""
         lm_gen = make_lm_gen(model, use_sampling=False)
-        tokens, fed, logits = [], [], []
+        tokens = []
         with torch.no_grad(), lm_gen.streaming(2):
             main = lm_gen._streaming_state.graphed_main
-
-            def recorded(input_, *rest):
-                out = main(input_, *rest)
-                fed.append(input_.clone())
-                logits.append(out[1].clone())
-                return out
-
-            lm_gen._streaming_state.graphed_main = recorded
+            fed, logits = record_main(lm_gen)
             for t in range(12):
                 if t == cut:
                     lm_gen.reset_streaming(torch.tensor([False, True], device="cuda"))
