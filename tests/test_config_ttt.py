@@ -73,6 +73,7 @@ def test_a_ttt_typo_or_wrong_type_names_the_key(tmp_path) -> None:
     # InPlaceTTTConfig's own checks name the key as the config does (was "ttt: conv must be ...")
     fails(TINY, "--ttt.conv=left", r"tiny\.yaml: ttt\.conv must be 'centred' or 'next', got 'left'$")
     fails(TINY, "--ttt.conv_kernel=4", r"tiny\.yaml: ttt\.conv_kernel must be odd with a centred conv, got 4$")
+    fails(TINY, "--ttt.conv_kernel=0", r"tiny\.yaml: ttt\.conv_kernel must be >= 1, got 0$")
     fails(TINY, "--ttt.decay=2", r"tiny\.yaml: ttt\.decay must be in \(0, 1\] or None, got 2\.0$")
     fails(TINY, "--ttt.target=x", r"tiny\.yaml: ttt\.target must be one of ")
 

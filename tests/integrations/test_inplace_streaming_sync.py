@@ -85,6 +85,27 @@ def test_training_length_is_checked_outside_the_step() -> None:
         assert len(caught) == 2  # 7 frames: 3 updates, warned when the stream ends
 
 
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_stream_warns_exactly_where_the_parallel_form_does(graphed: bool) -> None:
+    """Updates in use, (T - 1) // C: 6 frames of chunk 2 use 2 updates (the third is applied on the last frame and
+    read by none), 7 frames use 3; with trained_chunks 2 only the second warns, streamed or in one call. `graphed`:
+    the host's frame count is not trusted, so the device counters alone decide."""
+    model = ttt_model(chunk_size=2)
+    gating = ttt_modules(model)[0]
+    gating.trained_chunks = 2
+    seq = forward_text_input(model, random_codes(model, 2, 7))
+    for T in (6, 7):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            model.forward_text(seq[:, :, :T])
+            parallel = len(caught)
+            with model.streaming(2):
+                for t in range(T):
+                    model.forward_text(seq[:, :, t:t + 1])
+                gating._streaming_state.graphed = graphed
+        assert (parallel, len(caught) - parallel) == ((0, 0) if T == 6 else (1, 1))
+
+
 def test_pieces_and_frames_mix_without_host_reads() -> None:
     """Multi-frame calls (prefill through streaming) are branch-free too, and mix with frames."""
     model = ttt_model(chunk_size=4, decay=0.9)

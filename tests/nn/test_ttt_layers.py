@@ -415,15 +415,17 @@ def test_bad_inputs_raise(make_x, match):
 
 
 def test_a_decode_step_reads_no_values_on_the_host():
-    """T == 1 skips the value checks (they would sync with the device): a NaN input shows in the output, a
-    position out of range is not read; multi-token calls refuse both."""
+    """T == 1 skips the host-side value checks (they would sync with the device): a NaN input shows in the output,
+    a position out of range is caught by the op's device-side assert (at once on the CPU, at the next sync on
+    CUDA); multi-token calls refuse both on the host."""
     layer = cached_layer("linear", True)
     with torch.no_grad():
         y, _ = layer(torch.full((1, 1, C), math.nan))
         assert torch.isnan(y).all()
         state = layer.init_state(2)
         state.position.fill_(B_SZ + 1)
-        layer(inputs(T=1), state)
+        with pytest.raises(RuntimeError, match=r"offset must hold values in \[0, 8\)"):
+            layer(inputs(T=1), state)
         with pytest.raises(ValueError, match=r"state.position must be in \[0, 8\)"):
             layer(inputs(T=2), state)
 

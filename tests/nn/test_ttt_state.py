@@ -108,6 +108,18 @@ def test_copy_writes_in_place_only_the_masked_rows(device):
         assert_rows_equal(state, r, before, r)
 
 
+def test_where_and_copy_refuse_to_broadcast_rows():
+    layer, state = layer_and_state()  # batch 3
+    one = layer.init_state(1, "cpu")
+    with pytest.raises(ValueError, match=r"TTTState.copy_: the other state has batch size 1, this one 3"):
+        state.copy_(one)
+    with pytest.raises(ValueError, match=r"TTTState.where: the other state has batch size 1, this one 3"):
+        state.where(torch.ones(3, dtype=torch.bool), one)
+    for mask in (torch.ones(1, dtype=torch.bool), torch.ones(3)):
+        with pytest.raises(ValueError, match=r"TTTState.copy_: mask must be bool of shape \[3\]"):
+            state.copy_(layer.init_state(3, "cpu"), mask)
+
+
 def test_nbytes_counts_every_tensor():
     layer, state = layer_and_state()
     F = 4 * (C // H)

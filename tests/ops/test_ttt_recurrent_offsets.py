@@ -26,3 +26,13 @@ def test_tensor_offsets_equal_host_offsets_and_the_reference_without_host_reads(
 def test_a_tensor_offset_of_the_wrong_shape_or_dtype_is_refused(bad):
     with pytest.raises(ValueError, match=r"offset must be an integer tensor \[3\]"):
         op("recurrent", "linear")(**{**make_inputs("linear", T=1), "offset": bad})
+
+
+@pytest.mark.parametrize("values", [[9, 0, 0], [0, -1, 0]])
+def test_a_tensor_offset_out_of_range_is_refused(values):
+    """Checked on the device (no host read in the op; on the CPU the check raises at once)."""
+    args = make_inputs("linear", T=1)
+    b = args["token_idx"].numel()
+    bad = torch.tensor(values)  # b = 8
+    with pytest.raises(RuntimeError, match=rf"offset must hold values in \[0, {b}\)"):
+        op("recurrent", "linear")(**{**args, "offset": bad})

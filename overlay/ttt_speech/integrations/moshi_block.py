@@ -126,7 +126,8 @@ class MoshiTTTBlock(StreamingModule[TTTBlockState]):
         under bf16 autocast the TTT layer's output `q + LN(z)` and its projections would be rounded to bf16, where
         the part an update of relative size 1e-3 contributes vanishes (29% off at |dW|/|W0| = 3.6e-3, 88% at 1e-3,
         TTT-Linear). bf16 parameters keep the module's dtype."""
-        with torch.autocast(x.device.type, enabled=self.gate_alpha.dtype != torch.float32):
+        dtype = self.gate_alpha.dtype  # named: autocast's default on CUDA is float16, not the module's bf16
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return self._forward(x).to(x.dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -109,6 +109,8 @@ class InPlaceTTTConfig:
             raise ValueError(f"ttt.conv must be 'centred' or 'next', got {self.conv!r}")
         if self.conv_kernel is None:
             self.conv_kernel = 5 if self.conv == "centred" else 2
+        if self.conv_kernel < 1:
+            raise ValueError(f"ttt.conv_kernel must be >= 1, got {self.conv_kernel}")
         if self.conv == "centred" and self.conv_kernel % 2 == 0:
             raise ValueError(f"ttt.conv_kernel must be odd with a centred conv, got {self.conv_kernel}")
         if self.target not in TARGET_SOURCES:
@@ -344,8 +346,11 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         the first update past training, unless a CUDA graph replayed steps the host did not count."""
         if self.trained_chunks is None or state.warned:
             return
-        if state.graphed or state.frames >= (self.trained_chunks + 1) * self.config.chunk_size:
-            self._warn_past_training(int(state.chunks.max()), state)
+        if state.graphed or state.frames > (self.trained_chunks + 1) * self.config.chunk_size:
+            # updates in use, as the parallel form counts them ((T - 1) // C): a chunk completed on the row's last
+            # frame has been applied but no output has read it yet
+            in_use = state.chunks - ((state.pos == 0) & (state.chunks > 0)).long()
+            self._warn_past_training(int(in_use.max()), state)
 
     def _warn_past_training(self, chunks: int, state: InPlaceTTTState | None = None) -> None:
         if self.trained_chunks is None or chunks <= self.trained_chunks or (state is not None and state.warned):

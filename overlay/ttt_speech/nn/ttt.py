@@ -226,8 +226,19 @@ class TTTState:
 
     index_select = reorder = select_rows
 
+    def _check_rows(self, what: str, other: TTTState, mask: Tensor | None) -> None:
+        """Shapes only (no value is read): ``other`` has this state's batch size, ``mask`` is bool of shape [B]."""
+        B = self.batch_size
+        if other.batch_size != B:
+            raise ValueError(f"TTTState.{what}: the other state has batch size {other.batch_size}, this one {B} "
+                             "(no broadcasting of rows)")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (B,)):
+            raise ValueError(f"TTTState.{what}: mask must be bool of shape [{B}], got {mask.dtype} "
+                             f"{list(mask.shape)}")
+
     def where(self, mask: Tensor, other: TTTState) -> TTTState:
         """Rows of ``self`` where ``mask`` (of shape [B], bool) is True, else of ``other`` (same batch size)."""
+        self._check_rows("where", other, mask)
         return self._map(lambda a, b: torch.where(_rows(mask, a), a, b.to(a.device)), other)
 
     def put_rows(self, rows: Tensor, part: TTTState) -> TTTState:
@@ -248,6 +259,8 @@ class TTTState:
         """In place: every tensor of ``self`` takes the values of ``src`` (same shapes), only in the rows where
         ``mask`` (of shape [B], bool) is True when given. The tensors keep their storage, so a captured CUDA graph
         that reads them sees the new values. Returns ``self``."""
+        self._check_rows("copy_", src, mask)
+
         def put(a: Tensor, s: Tensor) -> Tensor:
             s = s.to(a.device)
             if mask is None:

@@ -76,7 +76,10 @@ def check_ttt_args(
     if on_device and isinstance(offset, Tensor):
         if offset.shape != (B,) or offset.is_floating_point() or offset.is_complex() or offset.dtype == torch.bool:
             raise ValueError(f"offset must be an integer tensor [{B}], got {shape_str(offset)} {offset.dtype}")
-        return offset.to(device=q.device, dtype=torch.int64)
+        offset = offset.to(device=q.device, dtype=torch.int64)
+        # the values on the device: no host read (an error surfaces at the next sync on CUDA, at once on the CPU)
+        torch._assert_async(((offset >= 0) & (offset < b)).all(), f"offset must hold values in [0, {b})")
+        return offset
     if offset is None:
         offsets = [0] * B
     else:
