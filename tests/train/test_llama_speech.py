@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,35 @@ def omni(whisper_ckpt: Path, ttt: dict | None = None, seed: int = 0):
 
     return build_llama(tiny_omni_kwargs(whisper_ckpt), None, ttt, seed=seed, device=torch.device("cpu"),
                        dtype=torch.float32)
+
+
+@needs_omni
+def test_a_checkpoint_without_whisper_gets_it_from_speech_encoder(tmp_path: Path, whisper_ckpt: Path) -> None:
+    """LLaMA-Omni's checkpoints leave the Whisper encoder out (its builder rebuilds it from `speech_encoder`): the
+    encoder built from such a checkpoint equals whisper's own load, not the random init transformers would draw; a
+    checkpoint missing any other tensor is refused, naming it."""
+    import whisper
+    from safetensors.torch import load_file, save_file
+
+    from ttt_speech.integrations.llama_train import build_llama
+
+    folder = tmp_path / "omni"
+    omni(whisper_ckpt).save_pretrained(folder, safe_serialization=True)
+    weights = folder / "model.safetensors"
+    state = {k: v.clone() for k, v in load_file(weights).items()}  # not views of the file rewritten below
+    save_file({k: v for k, v in state.items() if not k.startswith("model.speech_encoder.")}, weights,
+              metadata={"format": "pt"})
+    model = build_llama(None, str(folder), None, seed=1, device=torch.device("cpu"), dtype=torch.float32)
+    want = whisper.load_model(str(whisper_ckpt), device="cpu").encoder.state_dict()
+    got = model.get_model().speech_encoder.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    other = tmp_path / "no_norm"  # a new folder: the model above may map the first file's memory
+    shutil.copytree(folder, other)
+    save_file({k: v for k, v in state.items() if k != "model.norm.weight"}, other / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 tensors of the model are not in it.*model\.norm\.weight"):
+        build_llama(None, str(other), None, seed=1, device=torch.device("cpu"), dtype=torch.float32)
 
 
 @needs_omni

@@ -106,7 +106,17 @@ def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: Any, *, seed: int,
         config_cls, model_cls = model_classes(raw.get("model_type"))
         config = config_cls.from_pretrained(checkpoint)
         config.use_ttt = False
-        model = model_cls.from_pretrained(checkpoint, config=config, torch_dtype=dtype).to(device)
+        model, info = model_cls.from_pretrained(checkpoint, config=config, torch_dtype=dtype,
+                                                output_loading_info=True)
+        missing = [k for k in info["missing_keys"] if not k.startswith(SPEECH_ENCODER_PREFIX)]
+        if missing:
+            raise ValueError(f"model.checkpoint {checkpoint}: {len(missing)} tensors of the model are not in it, "
+                             f"so they would train from a random init: {missing[:8]}")
+        if speech_modules(model) and len(info["missing_keys"]) > len(missing):
+            # LLaMA-Omni leaves Whisper out of its checkpoints and rebuilds it from `speech_encoder` after loading
+            # (its builder.load_pretrained_model); transformers drew the absent tensors at random
+            _reload_speech_encoder(model)
+        model = model.to(device)
     else:
         kwargs = resolve_llama_kwargs(lm_kwargs)
         config_cls, model_cls = model_classes(kwargs.get("model_type"))
@@ -128,6 +138,9 @@ def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: Any, *, seed: int,
                 teacher[idx] = originals[idx].requires_grad_(False)
         object.__setattr__(model, TEACHER_ATTR, teacher)  # not a submodule: out of state dict, FSDP and optimizer
     return model
+
+
+SPEECH_ENCODER_PREFIX = "model.speech_encoder."
 
 
 def _reload_speech_encoder(model: nn.Module) -> None:
