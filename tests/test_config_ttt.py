@@ -74,6 +74,20 @@ def test_a_ttt_typo_or_wrong_type_names_the_key(tmp_path) -> None:
     fails(TINY, "--ttt.conv=left", r"tiny\.yaml: ttt\.conv must be 'centred' or 'next', got 'left'$")
     fails(TINY, "--ttt.conv_kernel=4", r"tiny\.yaml: ttt\.conv_kernel must be odd with a centred conv, got 4$")
     fails(TINY, "--ttt.conv_kernel=0", r"tiny\.yaml: ttt\.conv_kernel must be >= 1, got 0$")
+    # the TTT layer's own fields are checked at load (with stand-in dimensions), not first when the model is built
+    fails(LLAMA, "--ttt.layer_type=foo", r"llama_tiny\.yaml: ttt\.layer_type must be one of \('linear', 'mlp'\), "
+                                         r"got 'foo'$")
+    fails(LLAMA, "--ttt.base_lr=-1", r"ttt\.base_lr must be finite and >= 0, got -1")
+    fails(LLAMA, "--ttt.qk_norm=x", r"ttt\.qk_norm must be one of \('none', 'l2'\), got 'x'")
+    fails(LLAMA, "--ttt.num_heads=0", r"ttt\.num_heads must be >= 1 or None \(the model's head count\), got 0")
+    fails(LLAMA, "--ttt.gate_init=.nan", r"ttt\.gate_init must be a finite number, got nan")
+    # a dotted override does not turn 'from_checkpoint' or null (off) into a default section
+    for base in ("--ttt=from_checkpoint", "--ttt=null"):
+        with pytest.raises(ConfigError, match=r"override '--ttt\.lr=0\.5': ttt is .*, not a section; set ttt itself"):
+            load_config(TrainConfig, TINY, [f"--run_dir={tmp_path}", base, "--ttt.lr=0.5"])
+    block = "--ttt={kind: block, layers: [1], ttt_layer_type: foo}"
+    fails(TINY, block, r"tiny\.yaml: ttt\.ttt_layer_type must be one of \('linear', 'mlp'\), got 'foo'$")
+    fails(TINY, "--ttt={kind: block, layers: [1], ttt_num_heads: 0}", r"ttt\.ttt_num_heads must be >= 1 or None")
     fails(TINY, "--ttt.decay=2", r"tiny\.yaml: ttt\.decay must be in \(0, 1\] or None, got 2\.0$")
     fails(TINY, "--ttt.target=x", r"tiny\.yaml: ttt\.target must be one of ")
 

@@ -188,8 +188,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = text.split("=", 1)
         node = data
         parts = key.split(".")
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if child is not None and not isinstance(child, dict) or child is None and part in node:
+                # a value that is not a section ('from_checkpoint', null: off) is not silently replaced by one
+                at = ".".join(parts[: i + 1])
+                raise ConfigError(f"override {item!r}: {at} is {child!r}, not a section; set {at} itself "
+                                  f"(--{at}={{...}}) to replace it")
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
         node[parts[-1]] = yaml.safe_load(raw)

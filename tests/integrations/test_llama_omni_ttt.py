@@ -541,7 +541,7 @@ def test_layer_option_fields_reach_the_ttt_layers_and_config_json(tmp_path: Path
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["ttt_centre"] is True and saved["ttt_qk_norm"] == "l2" and saved["ttt_conv_size"] == 3
-    with pytest.raises(ValueError, match=r"TTTConfig.qk_norm must be one of \('none', 'l2'\), got 'rms'"):
+    with pytest.raises(ValueError, match=r"config.ttt_qk_norm must be one of \('none', 'l2'\), got 'rms'"):
         make_model("replace", ttt_qk_norm="rms")
 
 

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ttt_speech.errors import CheckpointMismatch
 from ttt_speech.integrations.moshi_block import (
     DEFAULT_BLOCK_NUM_HEADS,
     DEFAULT_BLOCK_OPTIONS,
+    OWN_BLOCK_FIELDS,
     MoshiTTTBlock,
     check_block_options,
 )
@@ -133,6 +135,12 @@ TRAINING_FILE = "ttt_training.json"  # what the training saw: the longest crop, 
 FROM_CHECKPOINT = "from_checkpoint"  # `ttt: from_checkpoint`: take the TTT config of the checkpoint
 
 
+def _config_key(match: re.Match) -> str:
+    """`TTTConfig.<field>` in a message as the `ttt:` section spells it (`ttt.ttt_layer_type`, `ttt.ttt_options.x`)."""
+    own = OWN_BLOCK_FIELDS.get(match[1])
+    return f"ttt.{own}" if own and own.startswith("ttt_") else f"ttt.ttt_options.{match[1]}"
+
+
 @dataclasses.dataclass
 class MoshiTTTConfig(InPlaceTTTConfig):
     """Which TTT goes where in a Moshi `LMModel`. The In-Place knobs are `InPlaceTTTConfig`'s fields, inherited.
@@ -176,6 +184,14 @@ class MoshiTTTConfig(InPlaceTTTConfig):
             raise ValueError(f"ttt.every must be >= 1, got {self.every}")
         self.inplace_config()  # validates its fields
         check_block_options(self.ttt_options, share_qk=self.ttt_share_qk)
+        if self.ttt_num_heads is not None and (isinstance(self.ttt_num_heads, bool) or self.ttt_num_heads < 1):
+            raise ValueError(f"ttt.ttt_num_heads must be >= 1 or None (the model's head count), got "
+                             f"{self.ttt_num_heads}")
+        heads = self.ttt_num_heads or 1
+        try:  # the block's own fields, checked now with stand-in dimensions (the model's come at build time)
+            self.block_config(dim=64 * heads, num_heads=heads)
+        except ValueError as e:
+            raise ValueError(re.sub(r"TTTConfig\.(\w+)", _config_key, str(e))) from e
 
     def inplace_config(self) -> InPlaceTTTConfig:
         return InPlaceTTTConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(InPlaceTTTConfig)})

@@ -23,14 +23,14 @@ from ttt_speech.nn import RECALL_OPTIONS, REFERENCE_OPTIONS, TTTConfig, TTTState
 from ttt_speech.nn.stats import fast_weight_stats
 
 # TTTConfig fields that MoshiTTTConfig sets itself (its ttt_* fields, and the model's width)
-_OWN_FIELDS = {"hidden_size": "the model's dim", "num_heads": "ttt_num_heads", "layer_type": "ttt_layer_type",
+OWN_BLOCK_FIELDS = {"hidden_size": "the model's dim", "num_heads": "ttt_num_heads", "layer_type": "ttt_layer_type",
                "mini_batch_size": "ttt_mini_batch_size", "ttt_base_lr": "ttt_base_lr", "use_gate": "ttt_use_gate",
                "share_qk": "ttt_share_qk"}
 
 # MoshiTTTConfig's default block: the recall preset (share_qk through ttt_share_qk, one head through ttt_num_heads)
 DEFAULT_BLOCK_NUM_HEADS = 1
 DEFAULT_BLOCK_OPTIONS: dict[str, Any] = {k: v for k, v in RECALL_OPTIONS.items()
-                                         if k not in _OWN_FIELDS and v != REFERENCE_OPTIONS[k]}
+                                         if k not in OWN_BLOCK_FIELDS and v != REFERENCE_OPTIONS[k]}
 
 
 def check_block_options(options: dict[str, Any], where: str = "ttt.ttt_options", share_qk: bool = False) -> None:
@@ -39,10 +39,10 @@ def check_block_options(options: dict[str, Any], where: str = "ttt.ttt_options",
     naming the key."""
     if not isinstance(options, dict):
         raise ValueError(f"{where} must be a mapping of TTTConfig fields, got {options!r}")
-    known = sorted(f.name for f in fields(TTTConfig) if f.name not in _OWN_FIELDS)
+    known = sorted(f.name for f in fields(TTTConfig) if f.name not in OWN_BLOCK_FIELDS)
     for key in options:
-        if key in _OWN_FIELDS:
-            raise ValueError(f"{where}.{key}: set it with {_OWN_FIELDS[key]}, not in ttt_options")
+        if key in OWN_BLOCK_FIELDS:
+            raise ValueError(f"{where}.{key}: set it with {OWN_BLOCK_FIELDS[key]}, not in ttt_options")
         if key not in known:
             raise ValueError(f"{where}: unknown TTTConfig field {key!r}; known: {', '.join(known)}")
     try:

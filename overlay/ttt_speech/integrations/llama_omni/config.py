@@ -4,6 +4,8 @@ transformers config of a Llama with TTT layers (`LlamaTTTModelConfig`, `model_ty
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any
 
 from transformers import LlamaConfig
@@ -75,14 +77,22 @@ class LlamaTTTConfig:
             raise ValueError(f"config.ttt_mode must be one of {MODES}, got {self.ttt_mode!r}")
         if not isinstance(self.use_ttt, bool):
             raise ValueError(f"config.use_ttt must be a bool, got {self.use_ttt!r}")
-        if isinstance(self.ttt_gate_init, bool) or not isinstance(self.ttt_gate_init, (int, float)):
-            raise ValueError(f"config.ttt_gate_init must be a number, got {self.ttt_gate_init!r}")
+        if isinstance(self.ttt_gate_init, bool) or not isinstance(self.ttt_gate_init, (int, float)) \
+                or not math.isfinite(self.ttt_gate_init):
+            raise ValueError(f"config.ttt_gate_init must be a finite number, got {self.ttt_gate_init!r}")
         if self.ttt_layers is not None:
             if not isinstance(self.ttt_layers, (list, tuple)) or not all(
                 isinstance(i, int) and not isinstance(i, bool) for i in self.ttt_layers
             ):
                 raise ValueError(f"config.ttt_layers must be a list of ints or None, got {self.ttt_layers!r}")
             self.ttt_layers = list(self.ttt_layers)
+        heads = self.ttt_num_heads
+        if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+            raise ValueError(f"config.ttt_num_heads must be >= 1 or None (the model's head count), got {heads!r}")
+        try:  # the layer's own fields, checked now with stand-in dimensions (the model's come at build time)
+            self.ttt_config(hidden_size=64 * (heads or 1), num_heads=heads or 1, initializer_range=0.02)
+        except ValueError as e:  # TTTConfig.<field> is config.ttt_<field> here
+            raise ValueError(re.sub(r"TTTConfig\.(?:ttt_)?(\w+)", r"config.ttt_\1", str(e))) from e
 
     @classmethod
     def from_config(cls, config: Any) -> LlamaTTTConfig:
@@ -114,7 +124,7 @@ class LlamaTTTConfig:
     def ttt_config(self, hidden_size: int, num_heads: int, initializer_range: float) -> TTTConfig:
         return TTTConfig(
             hidden_size=hidden_size,
-            num_heads=self.ttt_num_heads or num_heads,
+            num_heads=num_heads if self.ttt_num_heads is None else self.ttt_num_heads,
             layer_type=self.ttt_layer_type,
             mini_batch_size=self.ttt_mini_batch_size,
             ttt_base_lr=float(self.ttt_base_lr),
