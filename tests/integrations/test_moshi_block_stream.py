@@ -12,6 +12,7 @@ from moshi_codes import random_codes
 
 from ttt_speech.integrations.moshi import MoshiTTTConfig, apply_ttt, build_lm, make_lm_gen, ttt_modules
 from ttt_speech.integrations.moshi_block import MoshiTTTBlock
+from ttt_speech.nn import TTTConfig
 
 
 def block_model(layer_type: str = "linear", device: str = "cpu", **cfg) -> torch.nn.Module:
@@ -160,3 +161,13 @@ def test_lmgen_with_cuda_graphs_generates_as_without_and_as_the_parallel_forward
         _, full1 = model.forward_text(torch.cat([f[1:] for f in fed[cut:]], dim=2))
     torch.testing.assert_close(torch.cat([x[:1] for x in logits], dim=2), full0, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.cat([x[1:] for x in logits[cut:]], dim=2), full1, rtol=1e-4, atol=1e-4)
+
+
+def test_a_half_precision_block_computes_in_its_own_dtype() -> None:
+    """The block's autocast names the module's dtype: unnamed, it is autocast's device default (bfloat16 on the CPU,
+    float16 on CUDA), and a float16 block then ran its projections in bfloat16 (on the CPU it crashed in LayerNorm)."""
+    block = MoshiTTTBlock(32, TTTConfig(hidden_size=32, num_heads=2, mini_batch_size=4)).to(torch.float16)
+    seen = []
+    block.ttt.v_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    y = block(torch.randn(1, 8, 32, dtype=torch.float16))
+    assert seen == [torch.float16] and y.dtype == torch.float16 and torch.isfinite(y).all()
