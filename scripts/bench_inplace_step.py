@@ -100,7 +100,7 @@ def main() -> None:
               f"{r['ttt_completing_ms']:>14.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"device": "cpu", "torch": torch.__version__, "threads": args.threads,
-                                    "machine": platform.machine(), "commit": commit, "ttt_code": str(code),
+                                    "machine": platform.machine(), "commit": commit,
                                     "load_avg_1min": load, "clock": "cpu", "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")
 

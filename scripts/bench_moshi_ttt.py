@@ -199,7 +199,7 @@ def main() -> None:
     args.out.write_text(json.dumps({"device": args.device, "dtype": args.dtype, "torch": torch.__version__,
                                     "threads": torch.get_num_threads(), "machine": platform.machine(),
                                     "clock": args.clock, "commit": commit, "load_avg_1min": load,
-                                    "repeats": args.repeats, "ttt_code": str(Path(ttt_speech.__file__).parent),
+                                    "repeats": args.repeats,
                                     "streaming": "LMGen.step" if args.lmgen else "forward_text",
                                     "cuda_graph": args.lmgen and args.device == "cuda"
                                     and os.environ.get("NO_CUDA_GRAPH", "") in ("", "0"),

@@ -345,7 +345,8 @@ def write_json(path, a, device, payload, quiet=False):
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         cpu_count=os.cpu_count(),
-        args=vars(a),
+        # file arguments by name only: a path of this machine says nothing to a reader of the JSON
+        args={k: Path(v).name if k in ("reference", "out") and v else v for k, v in vars(a).items()},
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

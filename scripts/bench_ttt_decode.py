@@ -127,7 +127,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv), "commit": commit,
+    command = " ".join(["python scripts/bench_ttt_decode.py", *sys.argv[1:]])  # no path of this machine
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": command, "commit": commit,
             "machine": platform.processor() or platform.machine(), "device": args.device, "threads": args.threads,
             "clock": args.clock, "torch": torch.__version__, "load_avg": os.getloadavg()}
     rows = []
