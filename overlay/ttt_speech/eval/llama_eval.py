@@ -22,10 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from ttt_speech.eval.stats import cluster_bootstrap, paired_differences, t_interval
-from ttt_speech.integrations.llama_train import SpeechInputs, ttt_bypassed
-from ttt_speech.train.llama_data import SPEECH, SpeechBatch, SyntheticTokens
+from ttt_speech.integrations.llama_train import (
+    SpeechInputs,
+    build_llama,
+    load_tokenizer,
+    speech_frontend,
+    trainable_names,
+    ttt_bypassed,
+)
+from ttt_speech.train.llama_data import SPEECH, SpeechBatch, SyntheticTokens, build_llama_loader
 
 
 @torch.no_grad()
@@ -117,16 +125,11 @@ def recall(model, turns: list[int], n: int = 16, seed: int = 0, turn_len: int = 
 def load_lora_student(model, cfg, path: Path, device: str) -> None:
     """The run's LoRA adapters on `model` (its base, with TTT), and the trained tensors of `path` (the export's
     `lora.safetensors`): exactly what trained, no more, no less."""
-    from safetensors.torch import load_file
-
-    from ttt_speech.integrations.llama_train import apply_lora, trainable_names
-
     if not path.is_file():
         raise FileNotFoundError(f"{path}: a LoRA run's export holds its adapters there (exported before LoRA?)")
-    keep = trainable_names(model, cfg.llama.trainable)
-    if cfg.lora.ft_embed:
-        keep |= {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    apply_lora(model, cfg.lora.rank, cfg.lora.scaling, keep_full=keep)
+    from ttt_speech.train.llama import apply_run_lora
+
+    apply_run_lora(model, cfg, trainable_names(model, cfg.llama.trainable))
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     state = load_file(str(path), device=device)
     if set(state) != trained:
@@ -143,14 +146,10 @@ def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, token
     is `export` (default `run_dir/export`); the teacher is the same model with TTT bypassed, its replaced attention
     rebuilt from the run's base (`model.checkpoint`, or the random init of its seed). Writes `out` (default
     `run_dir/eval_llama.json`)."""
-    from safetensors.torch import load_file
-
     from ttt_speech.config import load_config
-    from ttt_speech.integrations.llama_train import build_llama, speech_frontend
     from ttt_speech.train.config import TrainConfig
     from ttt_speech.train.llama import LORA_FILE
     from ttt_speech.train.llama_config import stage_seq_len
-    from ttt_speech.train.llama_data import build_llama_loader
 
     run_dir = Path(run_dir)
     cfg = load_config(TrainConfig, run_dir / "config.yaml")
@@ -170,7 +169,6 @@ def evaluate_run(run_dir: str | Path, *, export: str | Path | None = None, token
     source = cfg.llama.val_data or cfg.llama.train_data
     tokenizer = None
     if cfg.llama.tokenizer:
-        from ttt_speech.integrations.llama_train import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.llama.tokenizer)
     loader = build_llama_loader(source, seq_len=tokens, batch_size=docs, vocab_size=model.config.vocab_size,

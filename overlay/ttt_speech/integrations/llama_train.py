@@ -36,7 +36,7 @@ from ttt_speech.integrations.llama_omni import (
 from ttt_speech.nn.stats import fast_weight_stats
 
 OMNI_TYPES = ("omni_speech_llama", "omni_speech2s_llama")
-SPEECH_MODULES = ("model.speech_encoder.", "model.speech_projector.")
+SPEECH_ENCODER_PREFIX = "model.speech_encoder."  # LLaMA-Omni's Whisper encoder: frozen; its checkpoints leave it out
 TEACHER_ATTR = "_ttt_teacher_attention"
 # a tiny random Llama for CPU tests and the quickstart; init 0.1 so the teacher's next-token distributions are far
 # from uniform and distillation has something to match
@@ -140,9 +140,6 @@ def build_llama(lm_kwargs: Any, checkpoint: str | None, ttt: Any, *, seed: int,
     return model
 
 
-SPEECH_ENCODER_PREFIX = "model.speech_encoder."
-
-
 def _reload_speech_encoder(model: nn.Module) -> None:
     """The Whisper encoder as `whisper.load_model(config.speech_encoder)` gives it: transformers' `post_init` of a
     randomly initialised model re-initialises every `nn.Linear` in the module tree, Whisper's included."""
@@ -185,9 +182,7 @@ class SpeechFrontend:
 def speech_frontend(model: nn.Module) -> SpeechFrontend | None:
     """The model's `SpeechFrontend`, or None when it has no speech encoder (transformers' Llama, or LLaMA-Omni's
     class without `speech_encoder` in its config)."""
-    if not hasattr(model, "get_model") or getattr(model.get_model(), "speech_encoder", None) is None:
-        return None
-    return SpeechFrontend(model)
+    return SpeechFrontend(model) if speech_modules(model) else None
 
 
 def speech_features(model: nn.Module, mels: Tensor) -> Tensor:
@@ -205,7 +200,7 @@ class SpeechInputs:
     `prepare_inputs_labels_for_speech_and_text` places them (any valid id may stand at those positions).
 
     The clips are encoded inside `embed_tokens`' forward, so the encoder runs within the model's forward (FSDP2's
-    root runs first and its units unshard as usual), once per batch: the teacher's forward (`detach=True`) reuses
+    root runs first and its units unshard as usual), once per batch: the teacher's forward (under no_grad) reuses
     the student's features; a forward with grad after features made without grad encodes again.
     """
 
@@ -222,12 +217,11 @@ class SpeechInputs:
         return self._features
 
     @contextlib.contextmanager
-    def placed(self, detach: bool = False) -> Iterator[None]:
+    def placed(self) -> Iterator[None]:
         mask = (self.refs >= 0)[..., None]
 
         def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
             features = self.features()
-            features = features.detach() if detach else features
             return torch.where(mask, features.flatten(0, 1)[self.refs.clamp_min(0)].to(out.dtype), out)
 
         handle = self.model.get_model().embed_tokens.register_forward_hook(hook)
@@ -242,8 +236,6 @@ def write_tiny_whisper(path: Path, *, n_mels: int = 128, n_audio_ctx: int = 40, 
     """A tiny random Whisper checkpoint in whisper's own format (`{"dims", "model_state_dict"}`, what
     `whisper.load_model(path)` reads), for tests and CPU runs: one encoder layer, a window of `2 * n_audio_ctx`
     mel frames (`n_audio_ctx / 50` s)."""
-    import dataclasses
-
     import whisper
 
     dims = whisper.ModelDimensions(n_mels=n_mels, n_audio_ctx=n_audio_ctx, n_audio_state=n_audio_state,
@@ -379,7 +371,7 @@ def trainable_names(model: nn.Module, what: str) -> set[str]:
 
     The model's RMSNorms stay frozen under "ttt": the teacher runs through them too, so training them would move
     the teacher that distillation matches (a moving target the student could chase towards flat distributions)."""
-    names = {n for n, _ in model.named_parameters() if not n.startswith(SPEECH_MODULES[0])}  # Whisper: frozen
+    names = {n for n, _ in model.named_parameters() if not n.startswith(SPEECH_ENCODER_PREFIX)}  # Whisper: frozen
     if what == "all":
         return names
     ttt = set(ttt_parameter_names(model))

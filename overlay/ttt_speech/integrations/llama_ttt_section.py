@@ -16,8 +16,6 @@ PREFIX = "ttt_"
 
 
 def _post_init(self) -> None:
-    if self.mini_batch_size < 1:
-        raise ConfigError(f"ttt.mini_batch_size must be >= 1, got {self.mini_batch_size}")
     if self.layers is not None and not self.layers:
         raise ConfigError("ttt.layers is empty: no layer would get TTT; set `ttt: null` to train without TTT")
     self.model_config()  # LlamaTTTConfig's own checks

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from ttt_speech.integrations import llama_train
 from ttt_speech.integrations.llama_omni import ttt_modules, ttt_parameter_names
+from ttt_speech.train.adapters import embedding_names
 from ttt_speech.train.checkpoint import CheckpointError, list_checkpoints, nonfinite_parameters
 from ttt_speech.train.config import TrainConfig
 from ttt_speech.train.llama_config import stage_seq_len
@@ -84,7 +85,7 @@ def chunked_losses(h_student: torch.Tensor, h_teacher: torch.Tensor | None, weig
 
 
 class _Speech:
-    """A batch's tokens [B, >= 2, T] and, with speech, `placed(detach)`: a context in which the model's forwards
+    """A batch's tokens [B, >= 2, T] and, with speech, `placed()`: a context in which the model's forwards
     see the speech (LLaMA-Omni's frozen Whisper encoder and its projector, run once for the student and the teacher
     alike); without speech, a context that changes nothing."""
 
@@ -93,8 +94,15 @@ class _Speech:
         self.tokens = batch.tokens if speech else batch
         self.inputs = llama_train.SpeechInputs(model, batch.mels, batch.tokens[:, 2]) if speech else None
 
-    def placed(self, detach: bool = False):
-        return contextlib.nullcontext() if self.inputs is None else self.inputs.placed(detach)
+    def placed(self):
+        return contextlib.nullcontext() if self.inputs is None else self.inputs.placed()
+
+
+def apply_run_lora(model, cfg: TrainConfig, train: set[str]) -> None:
+    """The run's LoRA adapters on the base linears; `train` (what `llama.trainable` names) and, with
+    `lora.ft_embed`, the embeddings train fully. The trainer and `eval llama` build the student alike."""
+    keep = train | (embedding_names(model) if cfg.lora.ft_embed else set())
+    llama_train.apply_lora(model, cfg.lora.rank, cfg.lora.scaling, keep_full=keep)
 
 
 class LlamaFamily:
@@ -106,10 +114,8 @@ class LlamaFamily:
         train = llama_train.trainable_names(model, cfg.llama.trainable)
         for name, p in model.named_parameters():
             p.requires_grad_(name in train)
-        if cfg.lora.enable:  # adapters on the base linears; what `trainable` names trains fully
-            embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
-            llama_train.apply_lora(model, cfg.lora.rank, cfg.lora.scaling,
-                                   keep_full=train | (embeddings if cfg.lora.ft_embed else set()))
+        if cfg.lora.enable:
+            apply_run_lora(model, cfg, train)
         self.ttt_layers = sorted(llama_train.install_monitor_hooks(model))
         self.vocab_size = model.config.vocab_size
         self.speech = llama_train.speech_frontend(model)
@@ -155,7 +161,7 @@ class LlamaFamily:
              cfg: TrainConfig) -> tuple[torch.Tensor, list[torch.Tensor]]:
         speech = _Speech(model, batch)
         batch = speech.tokens
-        student_in, teacher_in = speech.placed(), speech.placed(detach=True)  # the teacher: the same speech
+        student_in, teacher_in = speech.placed(), speech.placed()  # the teacher (no grad): the same speech
         ids = batch[:, 0].clamp_min(0)  # speech positions: any valid id, their embeddings are replaced
         distill = cfg.llama.objective == "distill"
         hidden = distill and cfg.llama.hidden_mse_weight > 0
