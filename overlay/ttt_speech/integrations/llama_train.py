@@ -33,7 +33,7 @@ from ttt_speech.integrations.llama_omni import (
     ttt_modules,
     ttt_parameter_names,
 )
-from ttt_speech.nn.stats import fast_weight_stats
+from ttt_speech.nn.stats import ttt_layer_stats
 
 OMNI_TYPES = ("omni_speech_llama", "omni_speech2s_llama")
 SPEECH_ENCODER_PREFIX = "model.speech_encoder."  # LLaMA-Omni's Whisper encoder: frozen; its checkpoints leave it out
@@ -328,16 +328,9 @@ def _record_stats(module: nn.Module, args: tuple, output: tuple, gate: Tensor | 
     if not module.record_stats:
         return
     module.record_stats = False
-    with torch.no_grad():
-        x = args[0]
-        if module.config.pre_conv:  # eta reads the layer's input after its pre-conv
-            x = x + module.pre_conv(x)[0]
-        eta, _ = module._eta(x)
-        module.stats = {"kind": f"ttt_{module.config.layer_type}", **fast_weight_stats(output[1].params["W1"],
-                                                                                         module.W1),
-                        "eta_mean": eta.float().mean().item(), "eta_max": eta.float().max().item()}
-        if gate is not None:
-            module.stats["gate"] = torch.tanh(gate.float()).mean().item()
+    module.stats = {"kind": f"ttt_{module.config.layer_type}", **ttt_layer_stats(module, args[0], output[1])}
+    if gate is not None:
+        module.stats["gate"] = torch.tanh(gate.detach().float()).mean().item()
 
 
 class FinalHidden:

@@ -20,7 +20,7 @@ from moshi.modules.transformer import create_norm_fn
 from torch import nn
 
 from ttt_speech.nn import RECALL_OPTIONS, REFERENCE_OPTIONS, TTTConfig, TTTState, build_ttt_layer
-from ttt_speech.nn.stats import fast_weight_stats
+from ttt_speech.nn.stats import ttt_layer_stats
 
 # TTTConfig fields that MoshiTTTConfig sets itself (its ttt_* fields, and the model's width)
 OWN_BLOCK_FIELDS = {"hidden_size": "the model's dim", "num_heads": "ttt_num_heads", "layer_type": "ttt_layer_type",
@@ -137,14 +137,8 @@ class MoshiTTTBlock(StreamingModule[TTTBlockState]):
         if state is None:
             out, final = self.ttt(y.to(dtype))
             if self.record_stats:
-                with torch.no_grad():
-                    layer_in = y.to(dtype)
-                    if self.ttt.config.pre_conv:  # eta reads the layer's input after its pre-conv
-                        layer_in = layer_in + self.ttt.pre_conv(layer_in)[0]
-                    eta, _ = self.ttt._eta(layer_in)
-                    self.stats = {"kind": "block", **fast_weight_stats(final.params["W1"], self.ttt.W1),
-                                  "eta_mean": eta.float().mean().item(), "eta_max": eta.float().max().item(),
-                                  "gate": torch.tanh(self.gate_alpha.float()).mean().item()}
+                self.stats = {"kind": "block", **ttt_layer_stats(self.ttt, y.to(dtype), final),
+                              "gate": torch.tanh(self.gate_alpha.detach().float()).mean().item()}
         else:
             if state.batch_size != x.shape[0]:
                 raise ValueError(f"TTT block (layer {self.layer_idx}): streaming state holds {state.batch_size} "
