@@ -7,6 +7,8 @@ import os
 import sys
 import warnings
 
+from ttt_speech.constants import DTYPE_NAMES
+
 TTT_SPEC_HELP = ("the TTT config a checkpoint must carry (repeatable): a training config (its ttt: block), a TTT "
                  "config file, from_checkpoint (the default) or none (a base model); a checkpoint whose "
                  "ttt_config.json differs is an error naming the keys")
@@ -103,7 +105,7 @@ def _main(argv: list[str] | None) -> int:
     ll.add_argument("--bins", type=int, nargs="+", default=None, help="bin centres in frames")
     ll.add_argument("--max-frames", type=int)
     ll.add_argument("--device", default="cpu")
-    ll.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ll.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     ll.add_argument("--speakers", help="JSON {file: speaker} or the speakers.json of `data librilight` (default: "
                     "<speaker>_<k> file names; other documents are their own cluster)")
     ll.add_argument("--window", type=int, help="frames (default: the reference's attention context)")
@@ -136,7 +138,7 @@ def _main(argv: list[str] | None) -> int:
     gen.add_argument("--top-k", type=int, default=250)
     gen.add_argument("--top-k-text", type=int, default=25)
     gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     gen.add_argument("--ttt", action="append", metavar="[NAME=]SPEC", help=TTT_SPEC_HELP)
 
     lle = ev.add_parser("llama", help="a llama training run's student vs its teacher (TTT bypassed): perplexity by "

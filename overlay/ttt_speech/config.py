@@ -190,7 +190,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
-            if child is not None and not isinstance(child, dict) or child is None and part in node:
+            if part in node and not isinstance(child, dict):
                 # a value that is not a section ('from_checkpoint', null: off) is not silently replaced by one
                 at = ".".join(parts[: i + 1])
                 raise ConfigError(f"override {item!r}: {at} is {child!r}, not a section; set {at} itself "

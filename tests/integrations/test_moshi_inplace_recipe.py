@@ -36,7 +36,7 @@ def _lr_for_ratio(gating, x: torch.Tensor, kw: dict, ratio: float) -> float:
         h = gating.linear_in(x).view(*x.shape[:2], 2, -1)
         z = gating.activation(h[..., 0, :]) * h[..., 1, :]
         w0 = gating.linear_out.weight.float()
-        _, w_last, _, _ = gating._aligned(z, kw.get("token_embeddings", x), w0)
+        _, w_last = gating._aligned(z, kw.get("token_embeddings", x), w0)
     gating.config.lr = lr
     return ratio * (w0.norm() / (w_last[0] - w0).norm()).item()
 

@@ -294,15 +294,11 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
             raise ValueError(f"{self.where}: {target} on {x0.device}, activations on {x.device}")
         return x0
 
-    def _aligned(self, z: torch.Tensor, x0: torch.Tensor, w: torch.Tensor, w_ref: torch.Tensor | None = None):
-        """Tokens that start at a chunk boundary, from fast weight w (reference W0 `w_ref`, default w): (output, w
-        after the last complete chunk, Z and X0 of the trailing incomplete chunk)."""
+    def _aligned(self, z: torch.Tensor, x0: torch.Tensor, w: torch.Tensor):
+        """Tokens that start at a chunk boundary, from fast weight w: (output, w after the last complete chunk)."""
         cfg = self.config
-        n_full = z.shape[1] // cfg.chunk_size * cfg.chunk_size
-        v = self.targets(x0[:, :n_full])
-        out, w_next = chunk_inplace_ttt(z, v, w, cfg.lr, cfg.chunk_size, cfg.clip_tau, cfg.decay, cfg.max_delta,
-                                        w_ref=w_ref)
-        return out, w_next, z[:, n_full:].float(), x0[:, n_full:].float()
+        v = self.targets(x0[:, : z.shape[1] // cfg.chunk_size * cfg.chunk_size])
+        return chunk_inplace_ttt(z, v, w, cfg.lr, cfg.chunk_size, cfg.clip_tau, cfg.decay, cfg.max_delta)
 
     def forward(self, x: torch.Tensor, token_embeddings: torch.Tensor | None = None,
                 input_embeddings: torch.Tensor | None = None) -> torch.Tensor:
@@ -323,7 +319,7 @@ class InPlaceTTTGating(StreamingModule[InPlaceTTTState]):
         base = F.linear(z, self.linear_out.weight) if self._split(z) else None
         with torch.autocast(x.device.type, enabled=False):  # fp32: W0 + dW rounds the update away in bf16
             if state is None:
-                out, w_last, _, _ = self._aligned(z, x0, self.linear_out.weight.float())
+                out, w_last = self._aligned(z, x0, self.linear_out.weight.float())
                 return self._parallel_done(out, z, x0, w_last).to(x.dtype)
             return self._stream(z, x0, state, base, x.dtype)
 

@@ -298,16 +298,9 @@ class _Layout:
         torch.add(y, self.xq[..., :D].unflatten(1, (self.B, self.H)), out=o)
         return out
 
-    def scatter(self, x: Tensor, out: Tensor | None = None) -> Tensor:
-        """[N, BH, b, ...] -> [B, L, H, ...] (into ``out`` if given)."""
-        if out is None:
-            return _unchunked(x, self.B)
-        N, BH, b = x.shape[:3]
-        tail = tuple(range(4, x.dim() + 1))
-        out.view(self.B, N, b, self.H, *x.shape[3:]).permute(1, 0, 3, 2, *tail).copy_(
-            x.view(N, self.B, self.H, b, *x.shape[3:])
-        )
-        return out
+    def scatter(self, x: Tensor) -> Tensor:
+        """[N, BH, b, ...] -> [B, L, H, ...]."""
+        return _unchunked(x, self.B)
 
 
 def _pending(lay: _Layout, n: int, g: Tensor) -> Tensor:
